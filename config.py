@@ -1,0 +1,50 @@
+"""Experiment settings: plain values, then a preset, then command-line flags.
+
+Edit the values below to change the defaults (for example switch
+'data_distribution' between 'iid' and 'non_iid'); every one of them also has a
+flag in main.py, which wins over this file. Presets override only the values
+they name.
+"""
+
+CONFIG = {
+    # data
+    'dataset': 'mnist',             # 'mnist' | 'fashion-mnist'
+    'data_dir': None,               # IDX directory; None = data/<dataset> (downloaded if missing)
+    'data_distribution': 'iid',     # 'iid' | 'non_iid' (2 classes per client) | 'shards' | 'dirichlet'
+    'dirichlet_alpha': 0.5,         # concentration for 'dirichlet' (smaller = more skewed)
+    # federated training
+    'num_clients': 5,
+    'num_rounds': 10,
+    'local_epochs': 5,
+    'batch_size': 64,
+    'learning_rate': 0.01,          # plain SGD, no momentum
+    'seed': 0,
+    'device': 'auto',               # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
+    'precision': 'auto',            # 'auto' (bf16 where the hardware has it) | 'bf16' | 'fp32'
+    # what the honest-but-curious server keeps: 'all', 'none', or round numbers '1,5,10'
+    'capture_rounds': 'all',
+    'output_dir': '.',
+}
+
+PRESETS = {
+    'quick': {'num_clients': 3, 'num_rounds': 3, 'local_epochs': 2},
+    'standard': {'num_clients': 5, 'num_rounds': 10, 'local_epochs': 5},
+    # 200 captured updates of 0.9 MB each would be 180 MB: keep every 5th round
+    'extensive': {'num_clients': 10, 'num_rounds': 20, 'local_epochs': 10,
+                  'capture_rounds': '1,5,10,15,20'},
+}
+
+
+def resolve(preset=None, overrides=None):
+    """CONFIG, then the preset's values, then the non-None overrides (flags)."""
+    cfg = dict(CONFIG)
+    if preset is not None:
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+        cfg.update(PRESETS[preset])
+    for key, value in (overrides or {}).items():
+        if key not in cfg:
+            raise ValueError(f'unknown setting {key!r}')
+        if value is not None:
+            cfg[key] = value
+    return cfg

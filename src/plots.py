@@ -1,0 +1,39 @@
+"""Image grids drawn with matplotlib (torchvision's save_image is not importable with CPU torch here)."""
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from src.utils import atomic_path  # noqa: E402
+
+
+def save_image_grid(path, rows, titles=None, row_labels=None, suptitle=None, cell=1.3):
+    """Save a grid of grayscale images in [0, 1].
+
+    rows: list of rows, each a sequence of (28, 28) arrays (None leaves a cell empty);
+    titles: matching nested list of strings shown above each image.
+    """
+    n_rows, n_cols = len(rows), max(len(r) for r in rows)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols, cell * n_rows + 0.5 * bool(suptitle)),
+                             squeeze=False)
+    for i, row in enumerate(rows):
+        for j in range(n_cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            image = row[j] if j < len(row) else None
+            if image is None:
+                ax.axis('off')
+                continue
+            ax.imshow(np.clip(np.asarray(image, dtype=np.float32), 0, 1), cmap='gray', vmin=0, vmax=1)
+            if titles is not None and titles[i][j]:
+                ax.set_title(titles[i][j], fontsize=7)
+        if row_labels is not None:
+            axes[i][0].set_ylabel(row_labels[i], fontsize=8)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format='png')
+    plt.close(fig)

@@ -1,0 +1,70 @@
+"""The server: federated averaging, evaluation, and the honest-but-curious record of every update."""
+import torch
+import torch.nn.functional as F
+
+
+def fedavg(states, num_samples):
+    """Sample-weighted mean of client state dicts (McMahan et al. 2017)."""
+    total = float(sum(num_samples))
+    weights = [n / total for n in num_samples]
+    return {key: sum(w * s[key].float() for w, s in zip(weights, states)).to(states[0][key].dtype)
+            for key in states[0]}
+
+
+@torch.no_grad()
+def evaluate(model, images, labels, batch_size=1000):
+    """(mean cross-entropy, accuracy) of `model` on a labelled set, in eval mode and fp32."""
+    model.eval()
+    loss, correct = 0.0, 0
+    for start in range(0, len(labels), batch_size):
+        logits = model(images[start:start + batch_size]).float()
+        y = labels[start:start + batch_size]
+        loss += F.cross_entropy(logits, y, reduction='sum').item()
+        correct += (logits.argmax(1) == y).sum().item()
+    return loss / len(labels), correct / len(labels)
+
+
+def parse_capture_rounds(spec, num_rounds):
+    """'all' | 'none' | '1,5,10' -> the set of rounds (1-based) whose updates the server keeps."""
+    spec = str(spec).strip().lower()
+    if spec == 'all':
+        return set(range(1, num_rounds + 1))
+    if spec in ('none', ''):
+        return set()
+    try:
+        rounds = {int(r) for r in spec.split(',')}
+    except ValueError:
+        raise ValueError(f"capture_rounds {spec!r}: use 'all', 'none' or round numbers like '1,5,10'") from None
+    bad = sorted(r for r in rounds if not 1 <= r <= num_rounds)
+    if bad:
+        raise ValueError(f'capture_rounds {bad} outside 1..{num_rounds}')
+    return rounds
+
+
+class CuriousServer:
+    """FedAvg server that also keeps what it legitimately receives.
+
+    For each kept round it stores the global weights it sent out and, per client, the
+    update (new weights minus global) with what the server knows of it: client id, round,
+    sample count and the training hyper-parameters the protocol announces.
+    """
+
+    def __init__(self, capture_rounds, training_meta):
+        self.capture_rounds = capture_rounds
+        self.meta = training_meta  # batch_size, learning_rate, local_epochs, ...
+        self.rounds = []  # [{'round', 'global_state', 'updates': [...]}]
+
+    def aggregate(self, round_num, global_state, client_ids, states, num_samples):
+        if round_num in self.capture_rounds:
+            self.rounds.append({
+                'round': round_num,
+                'global_state': {k: v.detach().cpu().clone() for k, v in global_state.items()},
+                'updates': [{'client': cid, 'num_samples': n,
+                             'delta': {k: (s[k] - global_state[k]).cpu() for k in s}}
+                            for cid, s, n in zip(client_ids, states, num_samples)],
+            })
+        return fedavg(states, num_samples)
+
+    def record(self):
+        """The weights_only-loadable content of captured_updates.pt."""
+        return {'format': 1, 'meta': dict(self.meta), 'rounds': self.rounds}
