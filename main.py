@@ -31,16 +31,18 @@ def parse_args(argv=None):
                    help='bf16 autocast for local training (auto: where the hardware supports it)')
     p.add_argument('--capture-rounds', help="rounds whose client updates the server keeps: 'all', 'none', '1,5,10'")
     p.add_argument('--output-dir')
+    p.add_argument('--resume', action='store_true',
+                   help='continue a killed run from the checkpoint.pt in --output-dir (same settings)')
     args = vars(p.parse_args(argv))
-    preset = args.pop('config')
-    return config.resolve(preset, {k.replace('-', '_'): v for k, v in args.items()})
+    preset, resume = args.pop('config'), args.pop('resume')
+    return config.resolve(preset, args), resume
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
+    cfg, resume = parse_args(argv)
     from src.federated import train  # import torch only after --help has been answered
     try:
-        train(cfg)
+        train(cfg, resume=resume)
     except UserError as e:
         sys.exit(f'error: {e}')
 

@@ -68,11 +68,16 @@ def to_tensor(images, device='cpu'):
     return torch.from_numpy(np.asarray(images)).to(device).unsqueeze(1).float().div_(255)
 
 
-def _read_exact(f, n, path):
-    data = f.read(n)
-    if len(data) != n:
-        raise DataError(f'{path}: truncated file (expected {n} more bytes, got {len(data)})')
-    return data
+def _read_exact(f, n, path, chunk=1 << 24):
+    """Read exactly n bytes in chunks, so memory follows the bytes really there, not a header's claim."""
+    parts, got = [], 0
+    while got < n:
+        part = f.read(min(chunk, n - got))
+        if not part:
+            raise DataError(f'{path}: truncated file (expected {n} bytes of data, got {got})')
+        parts.append(part)
+        got += len(part)
+    return b''.join(parts)
 
 
 def read_idx(path, expect_ndim):
@@ -104,7 +109,7 @@ def read_idx(path, expect_ndim):
         raise DataError(f'{path}: corrupt or truncated gzip ({e})') from None
     except OSError as e:
         raise DataError(f'{path}: cannot read ({e})') from None
-    return np.frombuffer(data, dtype=np.uint8).reshape(tuple(dims))
+    return np.frombuffer(bytearray(data), dtype=np.uint8).reshape(tuple(dims))  # writable, for torch
 
 
 def find_file(data_dir, stem):

@@ -12,7 +12,7 @@ from src.data import NUM_CLASSES, load_dataset, to_tensor
 from src.model import CNN
 from src.partition import DISTRIBUTIONS, partition
 from src.server import CuriousServer, evaluate, parse_capture_rounds
-from src.utils import UserError, derive_seed, resolve_device, resolve_precision, save_json, save_torch, \
+from src.utils import UserError, derive_seed, load_torch, resolve_device, resolve_precision, save_json, save_torch, \
     sha256_of_arrays
 
 
@@ -41,9 +41,31 @@ def client_class_counts(labels, parts):
     return [np.bincount(labels[p], minlength=NUM_CLASSES).tolist() for p in parts]
 
 
-def train(cfg, log=tqdm.write):
-    """Run the experiment described by `cfg`; write its files to cfg['output_dir']; return the history."""
+CHECKPOINT = 'checkpoint.pt'
+RUN_ONLY = ('device', 'output_dir')  # settings that may change between a run and its resumption
+
+
+def load_checkpoint(cfg):
+    path = os.path.join(cfg['output_dir'], CHECKPOINT)
+    if not os.path.isfile(path):
+        raise UserError(f'--resume: no {CHECKPOINT} in {cfg["output_dir"]} (nothing to resume; run without --resume)')
+    ckpt = load_torch(path, 'checkpoint')
+    differs = sorted(k for k in cfg if k not in RUN_ONLY and ckpt['config'].get(k) != cfg[k])
+    if differs:
+        raise UserError(f'--resume: {path} was made with different settings ('
+                        + ', '.join(f"{k}={ckpt['config'].get(k)!r} not {cfg[k]!r}" for k in differs) + ')')
+    return ckpt
+
+
+def train(cfg, log=tqdm.write, resume=False):
+    """Run the experiment described by `cfg`; write its files to cfg['output_dir']; return the history.
+
+    A checkpoint is written atomically after every round; with resume=True a killed run
+    continues after its last completed round. Every round reseeds from (seed, round, client),
+    so no RNG state needs saving and the resumed run equals an uninterrupted one.
+    """
     validate(cfg)
+    ckpt = load_checkpoint(cfg) if resume else None
     started = time.perf_counter()
     seed = cfg['seed']
     data = load_dataset(cfg['dataset'], cfg['data_dir'])
@@ -79,9 +101,17 @@ def train(cfg, log=tqdm.write):
     log(f"training {cfg['num_clients']} clients x {cfg['num_rounds']} rounds x {cfg['local_epochs']} local epochs "
         f"on {cfg['dataset']} ({n_train} train / {len(test_y)} test, {cfg['data_distribution']}) "
         f"on {device} in {precision}")
-    rounds = []
+    rounds, elapsed_before, first_round = [], 0.0, 1
+    if ckpt is not None:
+        global_state = {k: v.to(device) for k, v in ckpt['global_state'].items()}
+        rounds, server.rounds, elapsed_before = ckpt['rounds'], ckpt['captured'], ckpt['wall_seconds']
+        first_round = ckpt['round'] + 1
+        log(f'resuming after round {ckpt["round"]}')
+    out = cfg['output_dir']
+    os.makedirs(out, exist_ok=True)
     steps_per_round = sum(len(p) for p in parts) * cfg['local_epochs']
-    bar = tqdm(range(1, cfg['num_rounds'] + 1), desc='rounds', unit='round')
+    bar = tqdm(range(first_round, cfg['num_rounds'] + 1), desc='rounds', unit='round',
+               initial=first_round - 1, total=cfg['num_rounds'])
     for r in bar:
         t0 = time.perf_counter()
         states, sizes = [], []
@@ -101,8 +131,12 @@ def train(cfg, log=tqdm.write):
                        'seconds': time.perf_counter() - t0})
         bar.set_postfix(test_acc=f'{test_acc:.4f}', loss=f'{test_loss:.4f}')
         log(f'round {r}: test accuracy {test_acc:.4f}, test loss {test_loss:.4f}')
+        save_torch({'config': cfg, 'round': r, 'global_state': {k: v.cpu() for k, v in global_state.items()},
+                    'rounds': rounds, 'captured': server.rounds,
+                    'wall_seconds': elapsed_before + time.perf_counter() - started},
+                   os.path.join(out, CHECKPOINT))
 
-    wall = time.perf_counter() - started
+    wall = elapsed_before + time.perf_counter() - started
     history = {
         'config': cfg,
         'seed': seed,
@@ -119,12 +153,11 @@ def train(cfg, log=tqdm.write):
         'wall_seconds': wall,
         'samples_per_second': steps_per_round * cfg['num_rounds'] / sum(r['seconds'] for r in rounds),
     }
-    out = cfg['output_dir']
-    os.makedirs(out, exist_ok=True)
     plain_state = {k: v.detach().cpu().contiguous() for k, v in global_state.items()}
     save_torch(plain_state, os.path.join(out, 'global_model.pth'))
     save_torch(server.record(), os.path.join(out, 'captured_updates.pt'))
     save_json(history, os.path.join(out, 'training_history.json'))
+    os.remove(os.path.join(out, CHECKPOINT))  # the finished files supersede it
     log(f"final test accuracy {history['final_test_accuracy']:.4f} in {wall:.1f} s; wrote global_model.pth, "
         f"training_history.json, captured_updates.pt to {out}")
     return history
