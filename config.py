@@ -21,6 +21,14 @@ CONFIG = {
     'seed': 0,
     'device': 'auto',               # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
     'precision': 'auto',            # 'auto' (bf16 where the hardware has it) | 'bf16' | 'fp32'
+    # defenses (all off by default; they compose)
+    'dp_noise_multiplier': 0.0,     # DP-SGD (Opacus) on every client: noise std / clipping bound; 0 = off
+    'dp_max_grad_norm': 1.0,        # DP-SGD per-sample clipping bound
+    'dp_delta': 1e-5,               # delta at which epsilon is reported
+    'update_clip': 0.0,             # clip each client's update to this L2 norm; 0 = off
+    'update_noise': 0.0,            # Gaussian noise on the clipped update, std = update_noise * update_clip
+    'keep_fraction': 1.0,           # prune each update tensor to this top fraction by magnitude; 1 = off
+    'secure_aggregation': False,    # the server receives only the sum of each round's updates
     # what the honest-but-curious server keeps: 'all', 'none', or round numbers '1,5,10'
     'capture_rounds': 'all',
     'output_dir': '.',

@@ -30,6 +30,15 @@ def parse_args(argv=None):
     p.add_argument('--precision', choices=['auto', 'bf16', 'fp32'],
                    help='bf16 autocast for local training (auto: where the hardware supports it)')
     p.add_argument('--capture-rounds', help="rounds whose client updates the server keeps: 'all', 'none', '1,5,10'")
+    p.add_argument('--dp-noise', dest='dp_noise_multiplier', type=float,
+                   help='DP-SGD on every client (Opacus): noise multiplier; 0 = off')
+    p.add_argument('--dp-clip', dest='dp_max_grad_norm', type=float, help='DP-SGD per-sample clipping bound')
+    p.add_argument('--dp-delta', type=float, help='delta at which epsilon is reported')
+    p.add_argument('--update-clip', type=float, help="clip each client's update to this L2 norm; 0 = off")
+    p.add_argument('--update-noise', type=float, help='Gaussian noise on the clipped update, in units of --update-clip')
+    p.add_argument('--keep-fraction', type=float, help='prune each update to this top fraction by magnitude')
+    p.add_argument('--secure-aggregation', action='store_const', const=True,
+                   help="the server receives only each round's sum of updates")
     p.add_argument('--output-dir')
     p.add_argument('--resume', action='store_true',
                    help='continue a killed run from the checkpoint.pt in --output-dir (same settings)')

@@ -8,6 +8,7 @@ import torch
 from tqdm import tqdm
 
 from src.client import client_update
+from src.defenses import active as active_defenses, defend_update, dp_client_update, epsilon, update_epsilon
 from src.data import NUM_CLASSES, load_dataset, to_tensor
 from src.model import CNN
 from src.partition import DISTRIBUTIONS, partition
@@ -27,6 +28,14 @@ def validate(cfg):
         (cfg['data_distribution'] in DISTRIBUTIONS,
          f"data_distribution={cfg['data_distribution']!r}: choose one of {', '.join(DISTRIBUTIONS)} (--distribution)"),
         (cfg['dirichlet_alpha'] > 0, f"dirichlet_alpha={cfg['dirichlet_alpha']}: must be > 0 (--alpha)"),
+        (cfg['dp_noise_multiplier'] >= 0, f"dp_noise_multiplier={cfg['dp_noise_multiplier']}: must be >= 0 (--dp-noise)"),
+        (cfg['dp_max_grad_norm'] > 0, f"dp_max_grad_norm={cfg['dp_max_grad_norm']}: must be > 0 (--dp-clip)"),
+        (0 < cfg['dp_delta'] < 1, f"dp_delta={cfg['dp_delta']}: must be in (0, 1) (--dp-delta)"),
+        (cfg['update_clip'] >= 0, f"update_clip={cfg['update_clip']}: must be >= 0 (--update-clip)"),
+        (cfg['update_noise'] >= 0, f"update_noise={cfg['update_noise']}: must be >= 0 (--update-noise)"),
+        (cfg['update_noise'] == 0 or cfg['update_clip'] > 0,
+         'update_noise needs a clipping bound to be scaled by: set --update-clip too'),
+        (0 < cfg['keep_fraction'] <= 1, f"keep_fraction={cfg['keep_fraction']}: must be in (0, 1] (--keep-fraction)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -55,6 +64,22 @@ def load_checkpoint(cfg):
         raise UserError(f'--resume: {path} was made with different settings ('
                         + ', '.join(f"{k}={ckpt['config'].get(k)!r} not {cfg[k]!r}" for k in differs) + ')')
     return ckpt
+
+
+def privacy_report(cfg, dp_history):
+    """Epsilon per client and overall (clients hold disjoint data, so overall = the worst client)."""
+    report = {}
+    if cfg['dp_noise_multiplier'] > 0:
+        eps = [epsilon(h, cfg['dp_delta']) for h in dp_history]
+        report['dp_sgd'] = {'accountant': 'opacus rdp', 'level': 'record', 'delta': cfg['dp_delta'],
+                            'noise_multiplier': cfg['dp_noise_multiplier'], 'max_grad_norm': cfg['dp_max_grad_norm'],
+                            'epsilon_per_client': eps, 'epsilon': max(eps)}
+    if cfg['update_clip'] > 0:
+        report['update_clip_noise'] = {
+            'accountant': 'opacus rdp', 'level': 'client (whole update)', 'delta': cfg['dp_delta'],
+            'clip': cfg['update_clip'], 'noise_multiplier': cfg['update_noise'],
+            'epsilon': update_epsilon(cfg['num_rounds'], cfg['update_noise'], cfg['dp_delta'])}
+    return report
 
 
 def train(cfg, log=tqdm.write, resume=False):
@@ -97,7 +122,12 @@ def train(cfg, log=tqdm.write, resume=False):
 
     server = CuriousServer(parse_capture_rounds(cfg['capture_rounds'], cfg['num_rounds']),
                            {k: cfg[k] for k in ('batch_size', 'learning_rate', 'local_epochs', 'dataset',
-                                                'num_clients', 'data_distribution', 'seed')})
+                                                'num_clients', 'data_distribution', 'seed')},
+                           secure_aggregation=cfg['secure_aggregation'])
+    defenses = active_defenses(cfg)
+    dp_history = [[] for _ in parts]  # each client's Opacus RDP accountant history
+    if defenses:
+        log(f"defenses: {', '.join(defenses)}")
     log(f"training {cfg['num_clients']} clients x {cfg['num_rounds']} rounds x {cfg['local_epochs']} local epochs "
         f"on {cfg['dataset']} ({n_train} train / {len(test_y)} test, {cfg['data_distribution']}) "
         f"on {device} in {precision}")
@@ -105,6 +135,7 @@ def train(cfg, log=tqdm.write, resume=False):
     if ckpt is not None:
         global_state = {k: v.to(device) for k, v in ckpt['global_state'].items()}
         rounds, server.rounds, elapsed_before = ckpt['rounds'], ckpt['captured'], ckpt['wall_seconds']
+        dp_history = ckpt['dp_history']
         first_round = ckpt['round'] + 1
         log(f'resuming after round {ckpt["round"]}')
     out = cfg['output_dir']
@@ -120,8 +151,20 @@ def train(cfg, log=tqdm.write, resume=False):
                 model.load_state_dict(global_state)
                 torch.manual_seed(derive_seed(seed, 'dropout', r, c))  # order-independent
                 shuffle = torch.Generator().manual_seed(derive_seed(seed, 'shuffle', r, c))
-                state, n = client_update(model, x, y, cfg['local_epochs'], cfg['batch_size'],
-                                         cfg['learning_rate'], precision, shuffle, inner)
+                if 'dp_sgd' in defenses:  # fp32, NCHW: Opacus's per-sample gradient hooks
+                    dp_model = CNN().to(device)
+                    dp_model.load_state_dict(global_state)
+                    state, n, dp_history[c] = dp_client_update(
+                        dp_model, x, y, cfg['local_epochs'], cfg['batch_size'], cfg['learning_rate'],
+                        cfg['dp_noise_multiplier'], cfg['dp_max_grad_norm'], dp_history[c], shuffle)
+                    inner.update(n * cfg['local_epochs'])
+                else:
+                    state, n = client_update(model, x, y, cfg['local_epochs'], cfg['batch_size'],
+                                             cfg['learning_rate'], precision, shuffle, inner)
+                if cfg['update_clip'] > 0 or cfg['keep_fraction'] < 1:
+                    noise = torch.Generator().manual_seed(derive_seed(seed, 'update_noise', r, c))
+                    sent = defend_update({k: state[k] - global_state[k] for k in state}, cfg, noise)
+                    state = {k: global_state[k] + sent[k] for k in state}
                 states.append(state)
                 sizes.append(n)
         global_state = server.aggregate(r, global_state, list(range(len(states))), states, sizes)
@@ -132,7 +175,7 @@ def train(cfg, log=tqdm.write, resume=False):
         bar.set_postfix(test_acc=f'{test_acc:.4f}', loss=f'{test_loss:.4f}')
         log(f'round {r}: test accuracy {test_acc:.4f}, test loss {test_loss:.4f}')
         save_torch({'config': cfg, 'round': r, 'global_state': {k: v.cpu() for k, v in global_state.items()},
-                    'rounds': rounds, 'captured': server.rounds,
+                    'rounds': rounds, 'captured': server.rounds, 'dp_history': dp_history,
                     'wall_seconds': elapsed_before + time.perf_counter() - started},
                    os.path.join(out, CHECKPOINT))
 
@@ -145,6 +188,8 @@ def train(cfg, log=tqdm.write, resume=False):
         'torch_threads': torch.get_num_threads(),
         'versions': {'python': platform.python_version(), 'torch': torch.__version__, 'numpy': np.__version__},
         'rounds': rounds,
+        'defenses': defenses,
+        'privacy': privacy_report(cfg, dp_history),
         'final_test_accuracy': rounds[-1]['test_accuracy'],
         'clients': [{'client': c, 'num_samples': int(len(p)), 'class_counts': counts[c]}
                     for c, p in enumerate(parts)],

@@ -47,15 +47,28 @@ class CuriousServer:
     For each kept round it stores the global weights it sent out and, per client, the
     update (new weights minus global) with what the server knows of it: client id, round,
     sample count and the training hyper-parameters the protocol announces.
+
+    With secure aggregation (simulated) the server receives only the round's sample-weighted
+    sum of updates and the total sample count, so that, and no individual update, is what it
+    keeps: record['rounds'][i]['aggregate'] instead of ['updates'].
     """
 
-    def __init__(self, capture_rounds, training_meta):
+    def __init__(self, capture_rounds, training_meta, secure_aggregation=False):
         self.capture_rounds = capture_rounds
-        self.meta = training_meta  # batch_size, learning_rate, local_epochs, ...
+        self.meta = dict(training_meta, secure_aggregation=secure_aggregation)
+        self.secure_aggregation = secure_aggregation
         self.rounds = []  # [{'round', 'global_state', 'updates': [...]}]
 
     def aggregate(self, round_num, global_state, client_ids, states, num_samples):
-        if round_num in self.capture_rounds:
+        new_state = fedavg(states, num_samples)
+        if round_num in self.capture_rounds and self.secure_aggregation:
+            self.rounds.append({
+                'round': round_num,
+                'global_state': {k: v.detach().cpu().clone() for k, v in global_state.items()},
+                'aggregate': {'num_clients': len(states), 'num_samples': int(sum(num_samples)),
+                              'delta': {k: (new_state[k] - global_state[k]).cpu() for k in new_state}},
+            })
+        elif round_num in self.capture_rounds:
             self.rounds.append({
                 'round': round_num,
                 'global_state': {k: v.detach().cpu().clone() for k, v in global_state.items()},
@@ -63,7 +76,7 @@ class CuriousServer:
                              'delta': {k: (s[k] - global_state[k]).cpu() for k in s}}
                             for cid, s, n in zip(client_ids, states, num_samples)],
             })
-        return fedavg(states, num_samples)
+        return new_state
 
     def record(self):
         """The weights_only-loadable content of captured_updates.pt."""

@@ -3,6 +3,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 
 import torch
@@ -30,6 +31,32 @@ def atomic_path(path):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yield a fresh staging folder beside `path`; on success swap it in for `path` whole.
+
+    A crash mid-run leaves the previous results untouched (plus a hidden staging folder),
+    never a mix of old and new files under `path`.
+    """
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(path) + '.staging-')
+    try:
+        yield staging
+        old = None
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(path) + '.old-')
+            os.rmdir(old)
+            os.replace(path, old)
+        os.replace(staging, path)
+        if old:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
 
 
 def save_json(obj, path):

@@ -58,7 +58,8 @@ def inversion_loss(logits, classes, loss):
     return F.cross_entropy(logits, classes, reduction='none')
 
 
-def invert(model, x0, classes, steps, lr, loss='logit', tv_weight=0.3, l2_weight=1.0, progress=None):
+def invert(model, x0, classes, steps, lr, loss='logit', tv_weight=0.3, l2_weight=1.0, jitter=0, seed=0,
+           progress=None):
     """Gradient ascent on a batch of images, each toward its own class; returns (images, target log-prob).
 
     x0: (N, 1, 28, 28) start images in [0, 1]; classes: (N,) int64. Every image is optimised
@@ -74,8 +75,13 @@ def invert(model, x0, classes, steps, lr, loss='logit', tv_weight=0.3, l2_weight
     try:
         x = x0.detach().clone().requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=lr)
-        for _ in range(steps):
-            objective = (inversion_loss(model(x), classes, loss)
+        shifts = torch.randint(-jitter, jitter + 1, (steps, 2), generator=torch.Generator().manual_seed(
+            derive_seed(seed, 'model-inversion', 'jitter'))).tolist()
+        for step in range(steps):
+            # jitter: the model sees the image shifted by a few pixels (one shift per step for the whole
+            # batch), so only patterns that survive translation, i.e. shapes rather than pixel noise, pay off
+            seen = torch.roll(x, shifts[step], dims=(2, 3)) if jitter else x
+            objective = (inversion_loss(model(seen), classes, loss)
                          + tv_weight * total_variation(x) + l2_weight * x.square().flatten(1).mean(1))
             optimizer.zero_grad(set_to_none=True)
             objective.sum().backward()  # sum: each image gets exactly its own gradient

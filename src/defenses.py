@@ -1,0 +1,111 @@
+"""Defenses a client or the aggregation protocol applies, each a config setting:
+
+- DP-SGD (Abadi et al. 2016) on every client through Opacus: per-sample clipping to
+  `dp_max_grad_norm`, Gaussian noise of std `dp_noise_multiplier * dp_max_grad_norm`, Poisson
+  sampling, privacy spent accounted by Opacus's RDP accountant (record-level epsilon at `dp_delta`).
+- Update clipping plus Gaussian noise (local DP on the whole update, user-level): the update is
+  clipped to L2 norm `update_clip` and N(0, (update_noise * update_clip)^2) is added per coordinate.
+- Update pruning (the defense the DLG paper tested): each tensor keeps its top `keep_fraction`
+  entries by magnitude, the rest become zero.
+- Secure aggregation: the server receives only the round's sum (see server.CuriousServer), so it
+  never holds an individual update. Central DP added to that sum alone would not hide an
+  individual update from a server that could see them; secure aggregation is what removes them.
+
+Order on a client: local training (DP-SGD or plain) -> clip + noise -> prune. Pruning after the
+noise is post-processing, so it keeps the DP guarantee.
+"""
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
+from torch.utils.data import DataLoader, TensorDataset
+
+
+
+def active(cfg):
+    """Names of the defenses a config switches on."""
+    names = []
+    if cfg.get('dp_noise_multiplier', 0) > 0:
+        names.append('dp_sgd')
+    if cfg.get('update_clip', 0) > 0:
+        names.append('update_clip_noise')
+    if cfg.get('keep_fraction', 1.0) < 1.0:
+        names.append('pruning')
+    if cfg.get('secure_aggregation', False):
+        names.append('secure_aggregation')
+    return names
+
+
+def dp_client_update(model, images, labels, epochs, batch_size, lr, noise_multiplier, max_grad_norm,
+                     accountant_history, generator):
+    """DP-SGD local training with Opacus wrapping the plain SGD loop.
+
+    `accountant_history` is this client's RDP history from earlier rounds (a list of
+    (noise_multiplier, sample_rate, steps)); the new history is returned with the state,
+    so the privacy spent keeps accumulating across rounds and survives a resume.
+    """
+    model.train()
+    engine = PrivacyEngine(accountant='rdp')
+    engine.accountant.history = [tuple(h) for h in accountant_history]
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size)
+    private_model, optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=generator)
+    for _ in range(epochs):
+        for x, y in loader:
+            if len(y) == 0:  # Poisson sampling can draw an empty batch: a step with no data
+                continue
+            loss = torch.nn.functional.cross_entropy(private_model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    state = {k.removeprefix('_module.'): v.detach().clone() for k, v in private_model.state_dict().items()}
+    private_model._close()  # remove Opacus's hooks from `model`
+    return state, len(labels), [list(h) for h in engine.accountant.history]
+
+
+def epsilon(accountant_history, delta):
+    if not accountant_history:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = [tuple(h) for h in accountant_history]
+    return accountant.get_epsilon(delta)
+
+
+def clip_and_noise(delta, clip, noise_multiplier, generator):
+    """Clip the whole update to L2 norm `clip`, then add Gaussian noise of std noise_multiplier*clip."""
+    norm = torch.sqrt(sum((v.float() ** 2).sum() for v in delta.values()))
+    scale = min(1.0, clip / (norm.item() + 1e-12))
+    out = {}
+    for k, v in delta.items():
+        noise = torch.randn(v.shape, generator=generator, dtype=torch.float32).to(v.device)
+        out[k] = v * scale + noise_multiplier * clip * noise
+    return out
+
+
+def prune(delta, keep_fraction):
+    """Keep the round(keep_fraction * numel) largest-magnitude entries of every tensor."""
+    out = {}
+    for k, v in delta.items():
+        keep = max(1, round(keep_fraction * v.numel()))
+        flat = v.reshape(-1)
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[flat.abs().topk(keep).indices] = True
+        out[k] = torch.where(mask, flat, torch.zeros_like(flat)).reshape(v.shape)
+    return out
+
+
+def defend_update(delta, cfg, generator):
+    """What the client sends instead of its raw update, under the config's update defenses."""
+    if cfg.get('update_clip', 0) > 0:
+        delta = clip_and_noise(delta, cfg['update_clip'], cfg.get('update_noise', 0.0), generator)
+    if cfg.get('keep_fraction', 1.0) < 1.0:
+        delta = prune(delta, cfg['keep_fraction'])
+    return delta
+
+
+def update_epsilon(rounds, noise_multiplier, delta):
+    """User-level epsilon of `rounds` releases of a clipped update with Gaussian noise (RDP)."""
+    if noise_multiplier <= 0:
+        return float('inf')
+    return epsilon([(noise_multiplier, 1.0, rounds)], delta)
