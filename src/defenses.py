@@ -14,6 +14,8 @@
 Order on a client: local training (DP-SGD or plain) -> clip + noise -> prune. Pruning after the
 noise is post-processing, so it keeps the DP guarantee.
 """
+import warnings
+
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant
@@ -51,14 +53,16 @@ def dp_client_update(model, images, labels, epochs, batch_size, lr, noise_multip
     private_model, optimizer, loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=generator)
-    for _ in range(epochs):
-        for x, y in loader:
-            if len(y) == 0:  # Poisson sampling can draw an empty batch: a step with no data
-                continue
-            loss = torch.nn.functional.cross_entropy(private_model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    with warnings.catch_warnings():  # Opacus's hooks warn that the input needs no gradient: expected
+        warnings.filterwarnings('ignore', message='Full backward hook is firing')
+        for _ in range(epochs):
+            for x, y in loader:
+                if len(y) == 0:  # Poisson sampling can draw an empty batch: a step with no data
+                    continue
+                loss = torch.nn.functional.cross_entropy(private_model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
     state = {k.removeprefix('_module.'): v.detach().clone() for k, v in private_model.state_dict().items()}
     private_model._close()  # remove Opacus's hooks from `model`
     return state, len(labels), [list(h) for h in engine.accountant.history]
