@@ -113,3 +113,27 @@ def update_epsilon(rounds, noise_multiplier, delta):
     if noise_multiplier <= 0:
         return float('inf')
     return epsilon([(noise_multiplier, 1.0, rounds)], delta)
+
+
+def defend_gradients(grads, cfg, generator):
+    """What a client under `cfg`'s defenses sends for intercepted batch gradients.
+
+    grads: {name: (n, *shape)}, one gradient per intercepted batch (one local SGD step). DP-SGD
+    clips every per-example gradient and adds N(0, (sigma*C)^2) to their sum (here: batch 1,
+    so to the one gradient). The update defenses act on the step the client sends, -lr * g,
+    and the server, knowing lr, reads the gradient back. Secure aggregation is not applied here:
+    the mean of K clients' one-image gradients is the gradient of one K-image batch, so the
+    attack handles it as a larger batch.
+    """
+    names = list(grads)
+    n = next(iter(grads.values())).shape[0]
+    rows = []
+    for i in range(n):
+        g = {k: grads[k][i] for k in names}
+        if cfg.get('dp_noise_multiplier', 0) > 0:
+            g = clip_and_noise(g, cfg['dp_max_grad_norm'], cfg['dp_noise_multiplier'], generator)
+        lr = cfg['learning_rate']
+        step = {k: -lr * v for k, v in g.items()}
+        step = defend_update(step, cfg, generator)
+        rows.append({k: -v / lr for k, v in step.items()})
+    return {k: torch.stack([r[k] for r in rows]) for k in names}

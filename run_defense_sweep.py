@@ -1,0 +1,59 @@
+"""Defenses against the three attacks: the privacy-utility-leakage trade-off.
+
+    python run_defense_sweep.py [--grid quick|full] [--config quick] [--data-dir DIR] [--set pruning=0.5,0.1]
+
+Trains once per defense setting (plus once without defense), runs the attacks on each result,
+and writes defense_sweep.json and defense_tradeoff.png to --output-dir. Interrupted sweeps
+resume at the first unfinished setting (each finished one is kept in its own folder).
+"""
+import argparse
+import sys
+
+import config
+from src.attacks import runner
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--grid', choices=['quick', 'full'], default='quick')
+    p.add_argument('--set', action='append', default=[], metavar='DEFENSE=V1,V2',
+                   help='replace a defense\'s strengths, e.g. dp_sgd=0.5,2 or pruning=0.3 (repeatable)')
+    p.add_argument('--config', choices=sorted(config.PRESETS), default='quick', help='training preset')
+    p.add_argument('--dataset', choices=['mnist', 'fashion-mnist'])
+    p.add_argument('--data-dir')
+    p.add_argument('--distribution', dest='data_distribution', choices=['iid', 'non_iid', 'shards', 'dirichlet'])
+    p.add_argument('--attacks', default='gradient,model,gan', help='comma-separated subset of gradient,model,gan')
+    p.add_argument('--output-dir', default='attack_results')
+    p.add_argument('--cache-dir', default='cache', help='trained evaluation classifier and GAN are kept here')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--device', default='auto')
+    runner.add_arguments(p)
+    args = p.parse_args(argv)
+    args.attacks = [a.strip() for a in args.attacks.split(',') if a.strip()]
+    if not args.attacks or any(a not in runner.ATTACKS for a in args.attacks):
+        p.error(f"--attacks: choose from {', '.join(runner.ATTACKS)}")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from src.defense_sweep import GRIDS, sweep
+    from src.utils import UserError
+
+    grid = [list(g) for g in GRIDS[args.grid]]
+    for item in args.set:
+        name, _, values = item.partition('=')
+        match = [g for g in grid if g[0] == name]
+        if not match or not values:
+            sys.exit(f"error: --set {item!r}: use DEFENSE=V1,V2 with DEFENSE one of {', '.join(g[0] for g in grid)}")
+        match[0][2] = [float(v) for v in values.split(',')]
+    cfg = config.resolve(args.config, {'dataset': args.dataset, 'data_dir': args.data_dir, 'seed': args.seed,
+                                       'data_distribution': args.data_distribution, 'device': args.device})
+    try:
+        sweep(cfg, args, grid, args.attacks, args.output_dir)
+    except UserError as e:
+        sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+    main()

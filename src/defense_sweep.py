@@ -1,0 +1,148 @@
+"""Which defense, at what cost, stops which attack: train under each defense setting, attack the
+result with all three attacks, and tabulate utility against leakage.
+
+Each grid point is written to its own folder (`<sweep>/<point>/`: the model, history, attack
+figures and point.json) atomically, so an interrupted sweep resumes at the first missing point.
+"""
+import json
+import os
+import time
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from src.attacks.runner import run_attacks  # noqa: E402
+from src.attacks.target import load_target  # noqa: E402
+from src.federated import train  # noqa: E402
+from src.utils import atomic_dir, atomic_path, save_json  # noqa: E402
+
+# (defense, the setting it varies, strengths from weak to strong); 'none' is the shared baseline.
+GRIDS = {
+    'quick': [
+        ('dp_sgd', 'dp_noise_multiplier', [0.5, 1.0]),
+        ('update_clip_noise', 'update_noise', [0.01, 0.1]),
+        ('pruning', 'keep_fraction', [0.1, 0.01]),
+        ('secure_aggregation', 'secure_aggregation', [True]),
+    ],
+    'full': [
+        ('dp_sgd', 'dp_noise_multiplier', [0.3, 0.7, 1.0, 1.5]),
+        ('update_clip_noise', 'update_noise', [0.003, 0.01, 0.03, 0.1]),
+        ('pruning', 'keep_fraction', [0.5, 0.2, 0.1, 0.01]),
+        ('secure_aggregation', 'secure_aggregation', [True]),
+    ],
+}
+UPDATE_CLIP = 1.0  # the bound update_noise is scaled by
+
+
+def grid_points(grid):
+    """[(point name, defense, setting, strength, config overrides)], baseline first."""
+    points = [('none', 'none', None, 0, {})]
+    for defense, setting, strengths in grid:
+        for value in strengths:
+            overrides = {setting: value}
+            if setting == 'update_noise':
+                overrides['update_clip'] = UPDATE_CLIP
+            name = defense if isinstance(value, bool) else f'{defense}-{setting}={value}'
+            points.append((name, defense, setting, value, overrides))
+    return points
+
+
+def summarise(metrics):
+    """The few numbers the trade-off is judged by, from run_attacks' metrics."""
+    out = {}
+    gi = metrics.get('gradient_inversion')
+    if gi:
+        main = gi['main']
+        out['gi_psnr_mean'] = main['psnr_mean']
+        out['gi_label_accuracy'] = main['label_accuracy']
+        out['gi_mean_image_psnr'] = gi['baselines']['dataset_mean_psnr_mean']
+        out['gi_stopped'] = main['psnr_mean'] <= out['gi_mean_image_psnr']
+    mi = metrics.get('model_inversion')
+    if mi:
+        out['mi_attack_accuracy'] = mi['overall']['best_restart']['attack_accuracy']
+        out['mi_attack_accuracy_all_restarts'] = mi['overall']['all_restarts']['attack_accuracy']
+    gmi = metrics.get('gan_inversion')
+    if gmi:
+        out['gmi_attack_accuracy'] = gmi['attack_accuracy']
+        out['gmi_attack_accuracy_all_restarts'] = gmi['attack_accuracy_all_restarts']
+    return out
+
+
+def settings(cfg):
+    return {k: v for k, v in cfg.items() if k != 'output_dir'}
+
+
+def run_point(base_cfg, overrides, attack_args, attacks, folder, log):
+    with atomic_dir(folder) as staging:
+        cfg = dict(base_cfg, **overrides, output_dir=staging)
+        history = train(cfg, log=log)
+        target = load_target(os.path.join(staging, 'global_model.pth'), device=cfg['device'])
+        metrics, _ = run_attacks(target, attack_args, os.path.join(staging, 'attacks'), attacks, log=log)
+        point = {'config': settings(cfg), 'attacks': attacks, 'overrides': overrides, 'defenses': history['defenses'], 'privacy': history['privacy'],
+                 'test_accuracy': history['final_test_accuracy'], 'train_seconds': history['wall_seconds'],
+                 **summarise(metrics), 'metrics': metrics}
+        save_json(point, os.path.join(staging, 'point.json'))
+    return point
+
+
+def sweep(base_cfg, attack_args, grid, attacks=('gradient', 'model', 'gan'), out_dir='attack_results',
+          log=tqdm.write):
+    """Run (or resume) the sweep over `grid` (a GRIDS value); write defense_sweep.json and
+    defense_tradeoff.png to out_dir. Points are kept in out_dir/defense_sweep/<point>/, named by
+    their settings, so a changed grid reuses the points it shares with an earlier one."""
+    started = time.perf_counter()
+    sweep_dir = os.path.join(out_dir, 'defense_sweep')
+    rows = []
+    for name, defense, setting, value, overrides in tqdm(grid_points(grid), desc='defense sweep'):
+        folder = os.path.join(sweep_dir, name)
+        done = os.path.join(folder, 'point.json')
+        point = None
+        if os.path.isfile(done):
+            with open(done) as f:
+                point = json.load(f)
+            if point.get('config') == settings(dict(base_cfg, **overrides)) and point.get('attacks') == list(attacks):
+                log(f'{name}: done earlier, reusing')
+            else:
+                point = None  # made with other settings: redo
+        if point is None:
+            log(f'== {name}')
+            point = run_point(base_cfg, overrides, attack_args, list(attacks), folder, log)
+        row = {k: v for k, v in point.items() if k != 'metrics'}
+        rows.append(dict(row, point=name, defense=defense, setting=setting, strength=value))
+    result = {'grid': [list(g) for g in grid], 'base_config': base_cfg, 'attacks': list(attacks), 'points': rows,
+              'seconds_this_run': time.perf_counter() - started,
+              'stopped_means': 'gradient inversion is stopped when its mean PSNR is no better than the '
+                               'dataset-mean image'}
+    save_json(result, os.path.join(out_dir, 'defense_sweep.json'))
+    plot_tradeoff(rows, os.path.join(out_dir, 'defense_tradeoff.png'))
+    return result
+
+
+PANELS = [('test_accuracy', 'model test accuracy'), ('gi_psnr_mean', 'gradient inversion PSNR (dB)'),
+          ('mi_attack_accuracy', 'model inversion attack acc.'), ('gmi_attack_accuracy', 'GAN inversion attack acc.')]
+
+
+def plot_tradeoff(rows, path):
+    """One panel per quantity; a line per defense from no defense (level 0) to its strongest setting."""
+    baseline = rows[0]
+    panels = [(k, t) for k, t in PANELS if k in baseline]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    defenses = [d for d in dict.fromkeys(r['defense'] for r in rows) if d != 'none']
+    for ax, (key, title) in zip(axes[0], panels):
+        for defense in defenses:
+            pts = [baseline] + [r for r in rows if r['defense'] == defense]
+            ax.plot(range(len(pts)), [p[key] for p in pts], marker='o',
+                    label=f"{defense} ({', '.join(str(p['strength']) for p in pts[1:])})")
+        if key == 'gi_psnr_mean':
+            ax.axhline(baseline['gi_mean_image_psnr'], color='gray', ls='--', label='dataset-mean image')
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel('defense strength (0 = none)')
+        ax.grid(alpha=.3)
+    axes[0][-1].legend(fontsize=7, loc='best')
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format='png')
+    plt.close(fig)
