@@ -32,6 +32,8 @@ CONFIG = {
     # what the honest-but-curious server keeps: 'all', 'none', or round numbers '1,5,10'
     'capture_rounds': 'all',
     'output_dir': '.',
+    # 'builtin' (one process, fastest here) | 'flower' (Flower's simulation engine; pip install -r requirements-flower.txt)
+    'engine': 'builtin',
 }
 
 PRESETS = {

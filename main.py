@@ -40,6 +40,9 @@ def parse_args(argv=None):
     p.add_argument('--secure-aggregation', action='store_const', const=True,
                    help="the server receives only each round's sum of updates")
     p.add_argument('--output-dir')
+    p.add_argument('--engine', choices=['builtin', 'flower'],
+                   help="'builtin' (default) or 'flower': the same experiment on Flower's simulation engine "
+                        '(needs pip install -r requirements-flower.txt)')
     p.add_argument('--resume', action='store_true',
                    help='continue a killed run from the checkpoint.pt in --output-dir (same settings)')
     args = vars(p.parse_args(argv))

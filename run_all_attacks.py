@@ -3,21 +3,16 @@
     python run_all_attacks.py [--model global_model.pth] [--attacks gradient,model,gan] [flags]
 
 Writes to --output-dir (default attack_results/): gradient_inversion_idlg.png,
-model_inversion_all.png, gan_inversion_all.png, gan_samples.png, metrics.json and
-reconstructions.npz. Each attack's own flags are listed under its heading below.
+model_inversion_all.png, gan_inversion_all.png, gan_samples.png, metrics.json,
+reconstructions.npz and report.html. The folder is replaced whole at the end, so a crash
+never leaves old and new results mixed. Each attack's own flags are listed under its heading.
 """
 import argparse
-import importlib
 import os
 import platform
 import sys
-import time
 
-ATTACKS = {  # name -> (module, key in metrics.json)
-    'gradient': ('src.attacks.gradient_inversion', 'gradient_inversion'),
-    'model': ('src.attacks.model_inversion', 'model_inversion'),
-    'gan': ('src.attacks.gan_inversion', 'gan_inversion'),
-}
+from src.attacks import runner
 
 
 def parse_args(argv=None):
@@ -30,13 +25,12 @@ def parse_args(argv=None):
     p.add_argument('--cache-dir', default='cache', help='trained evaluation classifier and GAN are kept here')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--device', default='auto')
-    for module, _ in ATTACKS.values():
-        importlib.import_module(module).add_arguments(p)
+    runner.add_arguments(p)
     args = p.parse_args(argv)
     args.attacks = [a.strip() for a in args.attacks.split(',') if a.strip()]
-    unknown = [a for a in args.attacks if a not in ATTACKS]
+    unknown = [a for a in args.attacks if a not in runner.ATTACKS]
     if unknown or not args.attacks:
-        p.error(f"--attacks: unknown {unknown}; choose from {', '.join(ATTACKS)}")
+        p.error(f"--attacks: unknown {unknown}; choose from {', '.join(runner.ATTACKS)}")
     return args
 
 
@@ -46,32 +40,30 @@ def main(argv=None):
     import torch
 
     from src.attacks.target import load_target
-    from src.utils import UserError, atomic_path, save_json
+    from src.report import plain_reading, write_report
+    from src.utils import UserError, atomic_dir, atomic_path, save_json
 
     try:
         target = load_target(args.model, args.history, args.data_dir, args.device)
-        results = {
-            'model': os.path.abspath(args.model),
-            'training_config': target.config,
-            'training_final_test_accuracy': target.history['final_test_accuracy'],
-            'seed': args.seed,
-            'versions': {'python': platform.python_version(), 'torch': torch.__version__, 'numpy': np.__version__},
-        }
-        arrays = {}
-        for name in args.attacks:
-            module, key = ATTACKS[name]
-            print(f'== {key}')
-            t0 = time.perf_counter()
-            metrics, attack_arrays = importlib.import_module(module).run(target, args, args.output_dir)
-            metrics.setdefault('seconds', time.perf_counter() - t0)
-            results[key] = metrics
-            arrays.update({f'{key}/{k}': v for k, v in attack_arrays.items()})
-            print(f"{key}: {metrics.get('summary', '')} ({metrics['seconds']:.1f} s)")
-        save_json(results, os.path.join(args.output_dir, 'metrics.json'))
-        with atomic_path(os.path.join(args.output_dir, 'reconstructions.npz')) as tmp:
-            with open(tmp, 'wb') as f:
+        with atomic_dir(args.output_dir) as staging:
+            attack_metrics, arrays = runner.run_attacks(target, args, staging, args.attacks)
+            results = {
+                'model': os.path.abspath(args.model),
+                'training_config': target.config,
+                'training_final_test_accuracy': target.history['final_test_accuracy'],
+                'training_defenses': target.history.get('defenses', []),
+                'seed': args.seed,
+                'attack_settings': {k: v for k, v in vars(args).items() if k not in ('model', 'history')},
+                'versions': {'python': platform.python_version(), 'torch': torch.__version__,
+                             'numpy': np.__version__},
+                **attack_metrics,
+            }
+            save_json(results, os.path.join(staging, 'metrics.json'))
+            with atomic_path(os.path.join(staging, 'reconstructions.npz')) as tmp, open(tmp, 'wb') as f:
                 np.savez_compressed(f, **arrays)
-        print(f'wrote metrics.json, reconstructions.npz and figures to {args.output_dir}')
+            write_report(os.path.join(staging, 'report.html'), results, target.history, staging,
+                         plain_reading(results))
+        print(f'wrote figures, metrics.json, reconstructions.npz and report.html to {args.output_dir}')
     except UserError as e:
         sys.exit(f'error: {e}')
 

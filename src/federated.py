@@ -51,7 +51,7 @@ def client_class_counts(labels, parts):
 
 
 CHECKPOINT = 'checkpoint.pt'
-RUN_ONLY = ('device', 'output_dir')  # settings that may change between a run and its resumption
+RUN_ONLY = ('device', 'output_dir', 'engine')  # settings that may change between a run and its resumption
 
 
 def load_checkpoint(cfg):
@@ -82,6 +82,111 @@ def privacy_report(cfg, dp_history):
     return report
 
 
+def load_partitions(cfg, log=lambda *a: None):
+    """The dataset and each client's index array, as every engine and every client sees them."""
+    data = load_dataset(cfg['dataset'], cfg['data_dir'])
+    n_train = len(data.train_labels)
+    if cfg['num_clients'] > n_train:
+        raise UserError(f"num_clients={cfg['num_clients']} but only {n_train} training images: lower --clients")
+    parts = partition(data.train_labels, cfg['num_clients'], cfg['data_distribution'],
+                      derive_seed(cfg['seed'], 'partition'), cfg['dirichlet_alpha'])
+    counts = client_class_counts(data.train_labels, parts)
+    unheld = [c for c in range(NUM_CLASSES) if sum(cc[c] for cc in counts) == 0]
+    if unheld:
+        log(f"note: no client holds classes {unheld} under {cfg['data_distribution']} with "
+            f"{cfg['num_clients']} clients, so the model cannot learn them")
+    if min(len(p) for p in parts) == 0:
+        raise UserError('a client received no data: lower --clients or change --distribution')
+    return data, parts, counts, unheld
+
+
+def client_tensors(data, parts, device):
+    """Each client's (images, labels) on `device`."""
+    train_x = to_tensor(data.train_images, device)
+    train_y = torch.from_numpy(data.train_labels.astype(np.int64)).to(device)
+    return [(train_x[torch.from_numpy(p).to(device)], train_y[torch.from_numpy(p).to(device)]) for p in parts]
+
+
+def eval_tensors(data, device):
+    return to_tensor(data.test_images, device), torch.from_numpy(data.test_labels.astype(np.int64)).to(device)
+
+
+def init_model(cfg, device):
+    """The round-1 global model, seeded from the experiment's seed."""
+    torch.manual_seed(derive_seed(cfg['seed'], 'init'))
+    # channels_last lets oneDNN/cuDNN pick much faster conv kernels (2x measured on CPU)
+    model = CNN().to(device, memory_format=torch.channels_last)
+    return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def make_server(cfg):
+    return CuriousServer(parse_capture_rounds(cfg['capture_rounds'], cfg['num_rounds']),
+                         {k: cfg[k] for k in ('batch_size', 'learning_rate', 'local_epochs', 'dataset',
+                                              'num_clients', 'data_distribution', 'seed')},
+                         secure_aggregation=cfg['secure_aggregation'])
+
+
+def local_update(cfg, model, global_state, x, y, r, c, precision, dp_history, progress=None):
+    """Client c's round-r training from `global_state`, with the config's defenses.
+
+    Returns (state the client sends, num_samples, its DP accountant history). Seeds come
+    from (seed, round, client) only, so any engine running this gets the same update.
+    """
+    seed = cfg['seed']
+    model.load_state_dict(global_state)
+    torch.manual_seed(derive_seed(seed, 'dropout', r, c))  # order-independent
+    shuffle = torch.Generator().manual_seed(derive_seed(seed, 'shuffle', r, c))
+    if cfg['dp_noise_multiplier'] > 0:  # fp32, NCHW: Opacus's per-sample gradient hooks
+        dp_model = CNN().to(x.device)
+        dp_model.load_state_dict(global_state)
+        state, n, dp_history = dp_client_update(
+            dp_model, x, y, cfg['local_epochs'], cfg['batch_size'], cfg['learning_rate'],
+            cfg['dp_noise_multiplier'], cfg['dp_max_grad_norm'], dp_history, shuffle)
+        if progress is not None:
+            progress.update(n * cfg['local_epochs'])
+    else:
+        state, n = client_update(model, x, y, cfg['local_epochs'], cfg['batch_size'],
+                                 cfg['learning_rate'], precision, shuffle, progress)
+    if cfg['update_clip'] > 0 or cfg['keep_fraction'] < 1:
+        noise = torch.Generator().manual_seed(derive_seed(seed, 'update_noise', r, c))
+        sent = defend_update({k: state[k] - global_state[k] for k in state}, cfg, noise)
+        state = {k: global_state[k] + sent[k] for k in state}
+    return state, n, dp_history
+
+
+def write_results(cfg, global_state, server, rounds, dp_history, parts, counts, unheld, device, precision, wall,
+                  log=tqdm.write, versions=None):
+    """global_model.pth, captured_updates.pt and training_history.json, each written atomically."""
+    out = cfg['output_dir']
+    steps_per_round = sum(len(p) for p in parts) * cfg['local_epochs']
+    history = {
+        'config': cfg,
+        'seed': cfg['seed'],
+        'device': str(device),
+        'precision': precision,
+        'torch_threads': torch.get_num_threads(),
+        'versions': {'python': platform.python_version(), 'torch': torch.__version__, 'numpy': np.__version__,
+                     **(versions or {})},
+        'rounds': rounds,
+        'defenses': active_defenses(cfg),
+        'privacy': privacy_report(cfg, dp_history),
+        'final_test_accuracy': rounds[-1]['test_accuracy'],
+        'clients': [{'client': c, 'num_samples': int(len(p)), 'class_counts': counts[c]}
+                    for c, p in enumerate(parts)],
+        'classes_held_by_no_client': unheld,
+        'partition': {'sha256': sha256_of_arrays(parts), 'indices': [p.tolist() for p in parts]},
+        'wall_seconds': wall,
+        'samples_per_second': steps_per_round * cfg['num_rounds'] / sum(r['seconds'] for r in rounds),
+    }
+    plain_state = {k: v.detach().cpu().contiguous() for k, v in global_state.items()}
+    save_torch(plain_state, os.path.join(out, 'global_model.pth'))
+    save_torch(server.record(), os.path.join(out, 'captured_updates.pt'))
+    save_json(history, os.path.join(out, 'training_history.json'))
+    log(f"final test accuracy {history['final_test_accuracy']:.4f} in {wall:.1f} s; wrote global_model.pth, "
+        f"training_history.json, captured_updates.pt to {out}")
+    return history
+
+
 def train(cfg, log=tqdm.write, resume=False):
     """Run the experiment described by `cfg`; write its files to cfg['output_dir']; return the history.
 
@@ -90,46 +195,30 @@ def train(cfg, log=tqdm.write, resume=False):
     so no RNG state needs saving and the resumed run equals an uninterrupted one.
     """
     validate(cfg)
+    if cfg.get('engine', 'builtin') == 'flower':
+        if resume:
+            raise UserError('--resume works with the built-in engine only (drop --resume or --engine flower)')
+        try:  # Flower is optional: import it only when asked for
+            from src.flower_engine import train_flower
+        except ImportError as e:
+            raise UserError(f'--engine flower needs Flower: pip install -r requirements-flower.txt ({e})') from None
+        return train_flower(cfg, log)
     ckpt = load_checkpoint(cfg) if resume else None
     started = time.perf_counter()
-    seed = cfg['seed']
-    data = load_dataset(cfg['dataset'], cfg['data_dir'])
-    n_train = len(data.train_labels)
-    if cfg['num_clients'] > n_train:
-        raise UserError(f"num_clients={cfg['num_clients']} but only {n_train} training images: lower --clients")
-    parts = partition(data.train_labels, cfg['num_clients'], cfg['data_distribution'],
-                      derive_seed(seed, 'partition'), cfg['dirichlet_alpha'])
-    counts = client_class_counts(data.train_labels, parts)
-    unheld = [c for c in range(NUM_CLASSES) if sum(cc[c] for cc in counts) == 0]
-    if unheld:
-        log(f"note: no client holds classes {unheld} under {cfg['data_distribution']} with "
-            f"{cfg['num_clients']} clients, so the model cannot learn them")
-    if min(len(p) for p in parts) == 0:
-        raise UserError('a client received no data: lower --clients or change --distribution')
-
+    data, parts, counts, unheld = load_partitions(cfg, log)
     device = resolve_device(cfg['device'])
     precision = resolve_precision(cfg['precision'], device)
-    torch.manual_seed(derive_seed(seed, 'init'))
-    # channels_last lets oneDNN/cuDNN pick much faster conv kernels (2x measured on CPU)
-    model = CNN().to(device, memory_format=torch.channels_last)
-    global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    train_x = to_tensor(data.train_images, device)
-    train_y = torch.from_numpy(data.train_labels.astype(np.int64)).to(device)
-    test_x = to_tensor(data.test_images, device)
-    test_y = torch.from_numpy(data.test_labels.astype(np.int64)).to(device)
-    client_data = [(train_x[torch.from_numpy(p).to(device)], train_y[torch.from_numpy(p).to(device)])
-                   for p in parts]
+    model, global_state = init_model(cfg, device)
+    test_x, test_y = eval_tensors(data, device)
+    client_data = client_tensors(data, parts, device)
 
-    server = CuriousServer(parse_capture_rounds(cfg['capture_rounds'], cfg['num_rounds']),
-                           {k: cfg[k] for k in ('batch_size', 'learning_rate', 'local_epochs', 'dataset',
-                                                'num_clients', 'data_distribution', 'seed')},
-                           secure_aggregation=cfg['secure_aggregation'])
+    server = make_server(cfg)
     defenses = active_defenses(cfg)
     dp_history = [[] for _ in parts]  # each client's Opacus RDP accountant history
     if defenses:
         log(f"defenses: {', '.join(defenses)}")
     log(f"training {cfg['num_clients']} clients x {cfg['num_rounds']} rounds x {cfg['local_epochs']} local epochs "
-        f"on {cfg['dataset']} ({n_train} train / {len(test_y)} test, {cfg['data_distribution']}) "
+        f"on {cfg['dataset']} ({len(data.train_labels)} train / {len(test_y)} test, {cfg['data_distribution']}) "
         f"on {device} in {precision}")
     rounds, elapsed_before, first_round = [], 0.0, 1
     if ckpt is not None:
@@ -148,23 +237,8 @@ def train(cfg, log=tqdm.write, resume=False):
         states, sizes = [], []
         with tqdm(total=steps_per_round, desc=f'round {r}', unit='img', leave=False) as inner:
             for c, (x, y) in enumerate(client_data):
-                model.load_state_dict(global_state)
-                torch.manual_seed(derive_seed(seed, 'dropout', r, c))  # order-independent
-                shuffle = torch.Generator().manual_seed(derive_seed(seed, 'shuffle', r, c))
-                if 'dp_sgd' in defenses:  # fp32, NCHW: Opacus's per-sample gradient hooks
-                    dp_model = CNN().to(device)
-                    dp_model.load_state_dict(global_state)
-                    state, n, dp_history[c] = dp_client_update(
-                        dp_model, x, y, cfg['local_epochs'], cfg['batch_size'], cfg['learning_rate'],
-                        cfg['dp_noise_multiplier'], cfg['dp_max_grad_norm'], dp_history[c], shuffle)
-                    inner.update(n * cfg['local_epochs'])
-                else:
-                    state, n = client_update(model, x, y, cfg['local_epochs'], cfg['batch_size'],
-                                             cfg['learning_rate'], precision, shuffle, inner)
-                if cfg['update_clip'] > 0 or cfg['keep_fraction'] < 1:
-                    noise = torch.Generator().manual_seed(derive_seed(seed, 'update_noise', r, c))
-                    sent = defend_update({k: state[k] - global_state[k] for k in state}, cfg, noise)
-                    state = {k: global_state[k] + sent[k] for k in state}
+                state, n, dp_history[c] = local_update(cfg, model, global_state, x, y, r, c, precision,
+                                                       dp_history[c], inner)
                 states.append(state)
                 sizes.append(n)
         global_state = server.aggregate(r, global_state, list(range(len(states))), states, sizes)
@@ -180,29 +254,7 @@ def train(cfg, log=tqdm.write, resume=False):
                    os.path.join(out, CHECKPOINT))
 
     wall = elapsed_before + time.perf_counter() - started
-    history = {
-        'config': cfg,
-        'seed': seed,
-        'device': str(device),
-        'precision': precision,
-        'torch_threads': torch.get_num_threads(),
-        'versions': {'python': platform.python_version(), 'torch': torch.__version__, 'numpy': np.__version__},
-        'rounds': rounds,
-        'defenses': defenses,
-        'privacy': privacy_report(cfg, dp_history),
-        'final_test_accuracy': rounds[-1]['test_accuracy'],
-        'clients': [{'client': c, 'num_samples': int(len(p)), 'class_counts': counts[c]}
-                    for c, p in enumerate(parts)],
-        'classes_held_by_no_client': unheld,
-        'partition': {'sha256': sha256_of_arrays(parts), 'indices': [p.tolist() for p in parts]},
-        'wall_seconds': wall,
-        'samples_per_second': steps_per_round * cfg['num_rounds'] / sum(r['seconds'] for r in rounds),
-    }
-    plain_state = {k: v.detach().cpu().contiguous() for k, v in global_state.items()}
-    save_torch(plain_state, os.path.join(out, 'global_model.pth'))
-    save_torch(server.record(), os.path.join(out, 'captured_updates.pt'))
-    save_json(history, os.path.join(out, 'training_history.json'))
+    history = write_results(cfg, global_state, server, rounds, dp_history, parts, counts, unheld, device, precision,
+                            wall, log)
     os.remove(os.path.join(out, CHECKPOINT))  # the finished files supersede it
-    log(f"final test accuracy {history['final_test_accuracy']:.4f} in {wall:.1f} s; wrote global_model.pth, "
-        f"training_history.json, captured_updates.pt to {out}")
     return history

@@ -95,3 +95,41 @@ def write_report(path, metrics, history, figures_dir, reading):
     parts.append(f'<p>Versions: {_fmt(metrics.get("versions", ""))}</p></body></html>')
     with atomic_path(path) as tmp, open(tmp, 'w') as f:
         f.write('\n'.join(parts))
+
+
+def plain_reading(metrics):
+    """A few sentences on what leaked, from the numbers in metrics.json."""
+    out = []
+    gi = metrics.get('gradient_inversion')
+    if gi and 'main' in gi:
+        m, base = gi['main'], gi.get('baselines', {})
+        mean_img = base.get('dataset_mean_psnr_mean')
+        verdict = ('recognisable copies of the private images' if m['psnr_mean'] >= 25 else
+                   'blurred but partly recognisable images' if m['psnr_mean'] >= 18 else
+                   'little more than a generic digit shape')
+        out.append(f"Gradient inversion: from one intercepted gradient per image, the server rebuilt "
+                   f"{verdict}: {m['psnr_mean']:.1f} dB mean PSNR (worst {m['psnr_min']:.1f} dB), "
+                   f"{100 * m['label_accuracy']:.0f} % of labels recovered"
+                   + (f", against {mean_img:.1f} dB for simply guessing the dataset-mean image." if mean_img else '.'))
+    mi = metrics.get('model_inversion')
+    if mi and 'overall' in mi:
+        acc = mi['overall']['best_restart']['attack_accuracy']
+        out.append(f"Model inversion: maximising the global model's confidence gave one image per class that an "
+                   f"independent classifier assigns to the right class {100 * acc:.0f} % of the time. These are "
+                   f"class representatives the model accepts, not copies of any client's image (see the KNN "
+                   f"distances).")
+    gmi = metrics.get('gan_inversion')
+    if gmi and 'attack_accuracy' in gmi:
+        out.append(f"GAN inversion: with a generator trained only on the server's own public data "
+                   f"({gmi.get('public_data', {}).get('name', 'public data')}), the search found digits the "
+                   f"independent classifier accepts as the target class {100 * gmi['attack_accuracy']:.0f} % of "
+                   f"the time (best restart; {100 * gmi['attack_accuracy_all_restarts']:.0f} % over all restarts).")
+        mi_knn = (mi or {}).get('overall', {}).get('best_restart', {}).get('knn_feature_distance')
+        if mi_knn is not None and gmi.get('knn_feature_distance') is not None:
+            closer = 'closer to' if gmi['knn_feature_distance'] < mi_knn else 'no closer to'
+            out.append(f"The GAN's images are {closer} real private digits than model inversion's "
+                       f"(nearest-private-image distance in the evaluation classifier's features: "
+                       f"{gmi['knn_feature_distance']:.2f} vs {mi_knn:.2f}).")
+    if metrics.get('training_defenses'):
+        out.append(f"Defenses active during training: {', '.join(metrics['training_defenses'])}.")
+    return out
