@@ -13,6 +13,12 @@ class UserError(Exception):
     """Bad input a user can fix (data, settings, files); scripts print it as one line."""
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
@@ -25,6 +31,7 @@ def atomic_path(path):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results should be as readable as any file
     try:
         yield tmp
         os.replace(tmp, path)
@@ -44,6 +51,7 @@ def atomic_dir(path):
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(path) + '.staging-')
+    os.chmod(staging, 0o777 & ~_umask())
     try:
         yield staging
         old = None

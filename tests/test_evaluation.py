@@ -93,6 +93,11 @@ def test_exact_copy_of_a_training_image_has_knn_distance_zero_in_a_real_network(
     noisy = (private_x[picks] + 0.2 * torch.rand(3, 1, 28, 28)).clamp(0, 1)
     s2 = ev.score_inversions(model, noisy, private_y[picks], private_x, private_y)
     assert min(s2['per_image']['knn_pixel_distance']) > 1.0
+    # another private set with the same model (its features are remembered per set): the copies are gone
+    keep = torch.ones(len(private_y), dtype=torch.bool)
+    keep[picks] = False
+    s3 = ev.score_inversions(model, private_x[picks], private_y[picks], private_x[keep], private_y[keep])
+    assert min(s3['per_image']['knn_feature_distance']) > 1e-3 and min(s3['per_image']['knn_pixel_distance']) > 0
 
 
 def test_cache_is_reused_and_a_corrupt_cache_is_retrained(tmp_path, capsys):

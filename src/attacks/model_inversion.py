@@ -4,11 +4,16 @@ For each class c the attacker, holding the global model's weights, runs gradient
 input to make the model as sure as possible that the image shows c; total-variation and L2
 penalties keep the image smooth with a dark background instead of high-frequency noise.
 Loss variants:
+  'logit' the raw logit z_c (Nguyen et al., CVPR 2023, "Re-thinking model inversion attacks against
+          deep neural networks": maximising the logit rather than the softmax is much stronger); it
+          keeps pushing the image deeper into the class;
   'ce'    cross-entropy of class c (Fredrikson's 1 - p_c, in log form); its gradient vanishes as
-          p_c -> 1, so it stops once the model is fooled, often on an adversarial pattern;
-  'logit' the raw logit z_c (Nguyen et al., CVPR 2023 "Re-thinking model inversion attacks" show
-          maximising the logit instead of the softmax is much stronger): it keeps pushing the
-          image deeper into the class.
+          p_c -> 1, so it stops as soon as the target is fooled, often by a pattern nothing else reads.
+Jitter (a random shift of a few pixels each step, as in feature visualisation, Mordvintsev et al.
+2015) rewards only translation-robust shapes. Measured on the standard model over real digits,
+scored by the evaluation classifier (80 images, 200 steps, seed 0; all-restart accuracy):
+logit + TV + L2 + jitter 0.99, without jitter 0.96, without TV/L2 0.84; ce with the same
+regularisation 0.65; plain ce (no TV, L2 or jitter: MI-Face as published) 0.24.
 All classes and restarts form ONE batch: each image's loss depends only on itself (the model is
 in eval mode and has no batch norm) and Adam is element-wise, so the batch optimises exactly
 what a per-image loop would, in one pass per step. Images are kept in [0, 1] by clamping after
@@ -17,6 +22,7 @@ which a sigmoid parametrisation only approaches while its gradient vanishes.
 The best restart per class is picked by the TARGET model's log-probability (what the attacker
 can see); the independent evaluation classifier (src.evaluation) only scores the result.
 """
+import copy
 import os
 import time
 
@@ -25,21 +31,26 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from src.client import autocast
 from src.data import NUM_CLASSES
 from src.evaluation import load_or_train_eval_classifier, private_data, score_inversions
 from src.plots import save_image_grid
-from src.utils import UserError, derive_seed
+from src.utils import UserError, derive_seed, resolve_precision
 
 
 def add_arguments(parser):
     g = parser.add_argument_group('model_inversion', 'confidence-maximisation model inversion (Fredrikson et al. 2015)')
     g.add_argument('--mi-loss', choices=['logit', 'ce'], default='logit',
                    help="what to maximise: 'logit' (raw class logit, stronger) or 'ce' (class log-probability)")
-    g.add_argument('--mi-steps', type=int, default=300, help='Adam steps on the input')
-    g.add_argument('--mi-lr', type=float, default=0.05, help='Adam learning rate on the pixels')
+    g.add_argument('--mi-steps', type=int, default=200, help='Adam steps on the input')
+    g.add_argument('--mi-lr', type=float, default=0.1, help='Adam learning rate on the pixels')
     g.add_argument('--mi-restarts', type=int, default=8, help='random restarts per class (best kept by target confidence)')
-    g.add_argument('--mi-tv', type=float, default=0.3, help='total-variation weight (mean |neighbour difference|)')
-    g.add_argument('--mi-l2', type=float, default=1.0, help='L2 weight (mean squared pixel)')
+    g.add_argument('--mi-tv', type=float, default=5.0, help='total-variation weight (on mean |neighbour difference|)')
+    g.add_argument('--mi-l2', type=float, default=10.0, help='L2 weight (on mean squared pixel)')
+    g.add_argument('--mi-jitter', type=int, default=2,
+                   help='shift the image by up to this many pixels at random each step (0: off)')
+    g.add_argument('--mi-precision', choices=['auto', 'bf16', 'fp32'], default='auto',
+                   help='bf16 autocast for the model during the ascent (auto: where the hardware runs it natively)')
     g.add_argument('--mi-init', choices=['noise', 'blank'], default='noise',
                    help="start from uniform noise in [0, 1] or a near-black image (uniform in [0, 0.05])")
 
@@ -58,45 +69,42 @@ def inversion_loss(logits, classes, loss):
     return F.cross_entropy(logits, classes, reduction='none')
 
 
-def invert(model, x0, classes, steps, lr, loss='logit', tv_weight=0.3, l2_weight=1.0, jitter=0, seed=0,
-           progress=None):
+def invert(model, x0, classes, steps, lr, loss='logit', tv_weight=5.0, l2_weight=10.0, jitter=2, seed=0,
+           precision='fp32', progress=None):
     """Gradient ascent on a batch of images, each toward its own class; returns (images, target log-prob).
 
     x0: (N, 1, 28, 28) start images in [0, 1]; classes: (N,) int64. Every image is optimised
-    independently (see module docstring), so N can mix classes and restarts freely.
+    independently (see module docstring), so N can mix classes and restarts freely. precision='bf16'
+    runs the model under bf16 autocast; the images, the loss and the final confidences stay fp32.
     """
     if loss not in ('logit', 'ce'):
         raise UserError(f"unknown model-inversion loss {loss!r}: use 'logit' or 'ce'")
-    was_training = model.training
-    model.eval()  # dropout off: the attacker inverts the deterministic model
-    requires = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)  # only input gradients are needed
-    try:
-        x = x0.detach().clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([x], lr=lr)
-        shifts = torch.randint(-jitter, jitter + 1, (steps, 2), generator=torch.Generator().manual_seed(
-            derive_seed(seed, 'model-inversion', 'jitter'))).tolist()
-        for step in range(steps):
-            # jitter: the model sees the image shifted by a few pixels (one shift per step for the whole
-            # batch), so only patterns that survive translation, i.e. shapes rather than pixel noise, pay off
-            seen = torch.roll(x, shifts[step], dims=(2, 3)) if jitter else x
-            objective = (inversion_loss(model(seen), classes, loss)
-                         + tv_weight * total_variation(x) + l2_weight * x.square().flatten(1).mean(1))
-            optimizer.zero_grad(set_to_none=True)
-            objective.sum().backward()  # sum: each image gets exactly its own gradient
-            optimizer.step()
-            with torch.no_grad():
-                x.clamp_(0, 1)
-            if progress is not None:
-                progress.update(1)
+    # a private copy: eval mode (dropout off: the attacker inverts the deterministic model), no weight
+    # gradients (only the input's are needed), channels_last (oneDNN's fast conv and max-pool kernels;
+    # 2x with bf16, measured) -- and the caller's model is left exactly as it was
+    work = copy.deepcopy(model).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    x = x0.detach().clone().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    optimizer = torch.optim.Adam([x], lr=lr)
+    shifts = torch.randint(-jitter, jitter + 1, (steps, 2), generator=torch.Generator().manual_seed(
+        derive_seed(seed, 'model-inversion', 'jitter'))).tolist()
+    for step in range(steps):
+        # jitter: the model sees the image shifted by a few pixels (one shift per step for the whole
+        # batch), so only patterns that survive translation, i.e. shapes rather than pixel noise, pay off
+        seen = torch.roll(x, shifts[step], dims=(2, 3)) if jitter else x
+        with autocast(x.device, precision):  # bf16 convs/matmuls (AMX); x, loss and Adam stay fp32
+            logits = work(seen).float()
+        objective = (inversion_loss(logits, classes, loss)
+                     + tv_weight * total_variation(x) + l2_weight * x.square().flatten(1).mean(1))
+        optimizer.zero_grad(set_to_none=True)
+        objective.sum().backward()  # sum: each image gets exactly its own gradient
+        optimizer.step()
         with torch.no_grad():
-            log_prob = model(x).float().log_softmax(1).gather(1, classes[:, None]).squeeze(1)
-    finally:
-        for p, r in zip(model.parameters(), requires):
-            p.requires_grad_(r)
-        model.train(was_training)
-    return x.detach(), log_prob
+            x.clamp_(0, 1)
+        if progress is not None:
+            progress.update(1)
+    with torch.no_grad():
+        log_prob = work(x).float().log_softmax(1).gather(1, classes[:, None]).squeeze(1)
+    return x.detach().contiguous(), log_prob
 
 
 def start_images(num_classes, restarts, init, seed, device):
@@ -109,18 +117,20 @@ def start_images(num_classes, restarts, init, seed, device):
 
 
 def run(target, args, out_dir):
-    if args.mi_steps < 1 or args.mi_restarts < 1 or args.mi_lr <= 0 or args.mi_tv < 0 or args.mi_l2 < 0:
+    if (args.mi_steps < 1 or args.mi_restarts < 1 or args.mi_lr <= 0 or args.mi_tv < 0 or args.mi_l2 < 0
+            or not 0 <= args.mi_jitter < 14):
         raise UserError('model inversion needs --mi-steps >= 1, --mi-restarts >= 1, --mi-lr > 0, '
-                        '--mi-tv >= 0 and --mi-l2 >= 0')
+                        '--mi-tv >= 0, --mi-l2 >= 0 and 0 <= --mi-jitter < 14')
     device = target.device
     restarts = args.mi_restarts
+    precision = resolve_precision(args.mi_precision, device)
     x0, classes = start_images(NUM_CLASSES, restarts, args.mi_init, args.seed, device)
 
     started = time.perf_counter()
     with tqdm(total=args.mi_steps, desc=f'model inversion ({NUM_CLASSES} classes x {restarts} restarts)',
               unit='step', leave=False) as bar:
         images, log_prob = invert(target.model, x0, classes, args.mi_steps, args.mi_lr, args.mi_loss,
-                                  args.mi_tv, args.mi_l2, bar)
+                                  args.mi_tv, args.mi_l2, args.mi_jitter, args.seed, precision, bar)
     attack_seconds = time.perf_counter() - started
 
     images = images.view(NUM_CLASSES, restarts, 1, 28, 28)
@@ -168,17 +178,20 @@ def run(target, args, out_dir):
                     suptitle=f'Model inversion ({args.mi_loss} loss, best of {restarts} restarts by target '
                              f'confidence); label: evaluation classifier\'s prediction (its confidence)')
 
+    overall = {'best_restart': summary(is_best),             # one image per class: the restart the target was surest of
+               'all_restarts': summary(np.ones_like(is_best))}  # every restart of every class
     metrics = {
+        'summary': (f"evaluation-classifier attack accuracy {overall['best_restart']['attack_accuracy']:.3f} "
+                    f"(best restart per class), {overall['all_restarts']['attack_accuracy']:.3f} (all "
+                    f"{restarts} restarts); attack {attack_seconds:.1f} s"),
         'seed': args.seed,
         'seconds': total_seconds,
         'attack_seconds': attack_seconds,
         'settings': {'loss': args.mi_loss, 'steps': args.mi_steps, 'lr': args.mi_lr, 'restarts': restarts,
-                     'tv_weight': args.mi_tv, 'l2_weight': args.mi_l2, 'init': args.mi_init,
+                     'tv_weight': args.mi_tv, 'l2_weight': args.mi_l2, 'jitter': args.mi_jitter,
+                     'init': args.mi_init, 'precision': precision,
                      'pixel_constraint': 'clamp to [0, 1] after each Adam step', 'optimizer': 'Adam'},
-        'overall': {
-            'best_restart': summary(is_best),      # one image per class: the restart the target was surest of
-            'all_restarts': summary(np.ones_like(is_best)),  # every restart of every class
-        },
+        'overall': overall,
         'per_class': per_class,
         'eval_classifier': {k: eval_info[k] for k in ('test_accuracy', 'dataset', 'num_train', 'num_test',
                                                       'seed', 'from_cache', 'cache_path', 'hparams')},
