@@ -6,8 +6,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Tests use tiny tensors, where one thread is faster and immune to oversubscription.
+torch.set_num_threads(1)
 
 
 def idx_bytes(array):
