@@ -1,0 +1,79 @@
+"""Train a tiny run, attack it with all three attacks, check every output file and the report."""
+import json
+import os
+
+import jsonschema
+import numpy as np
+import pytest
+
+import run_all_attacks
+from src.federated import train
+from tests.conftest import tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_ATTACKS = ['--gi-images', '2', '--gi-iterations', '10', '--gi-rounds-steps', '2', '--mi-steps', '5',
+                '--mi-restarts', '2', '--gmi-gan-steps', '20', '--gmi-steps', '5', '--gmi-restarts', '2',
+                '--device', 'cpu']
+
+
+@pytest.fixture(scope='module')
+def attacked(tmp_path_factory):
+    from tests.conftest import make_idx_dir
+    base = tmp_path_factory.mktemp('e2e')
+    data_dir = make_idx_dir(base / 'data', n_train=300, n_test=200)
+    train(tiny_config(data_dir, base / 'run'), log=lambda *a: None)
+    out = base / 'attack_results'
+    run_all_attacks.main(['--model', str(base / 'run' / 'global_model.pth'), '--output-dir', str(out),
+                          '--cache-dir', str(base / 'cache'), *TINY_ATTACKS])
+    return out
+
+
+def test_every_file_is_written(attacked):
+    expected = {'gradient_inversion_idlg.png', 'gradient_inversion_rounds.png', 'model_inversion_all.png',
+                'gan_inversion_all.png', 'gan_samples.png', 'metrics.json', 'reconstructions.npz', 'report.html'}
+    assert expected <= set(os.listdir(attacked))
+    assert not [f for f in os.listdir(attacked.parent) if '.staging-' in f or '.old-' in f]
+
+
+def test_metrics_validate_against_the_schema(attacked):
+    with open(os.path.join(ROOT, 'src', 'metrics.schema.json')) as f:
+        schema = json.load(f)
+    metrics = json.loads((attacked / 'metrics.json').read_text())
+    jsonschema.validate(metrics, schema)
+    with pytest.raises(jsonschema.ValidationError):  # the schema has teeth
+        jsonschema.validate({k: v for k, v in metrics.items() if k != 'versions'}, schema)
+
+
+def test_reconstructions_hold_the_images_behind_the_figures(attacked):
+    arrays = np.load(attacked / 'reconstructions.npz')
+    assert arrays['model_inversion/best_images'].shape == (10, 28, 28)
+    assert arrays['gan_inversion/best_images'].shape == (10, 28, 28)
+    gi = [k for k in arrays.files if k.startswith('gradient_inversion/')]
+    assert gi and all(np.isfinite(arrays[k]).all() for k in gi if arrays[k].dtype.kind == 'f')
+
+
+def test_report_embeds_the_figures_and_the_numbers(attacked):
+    html = (attacked / 'report.html').read_text()
+    metrics = json.loads((attacked / 'metrics.json').read_text())
+    assert html.count('src="data:image/png;base64,') >= 5  # accuracy curve + the attack figures
+    for name in ('gradient_inversion_idlg.png', 'model_inversion_all.png', 'gan_inversion_all.png'):
+        assert f'alt="{name}"' in html
+    assert f"{metrics['gradient_inversion']['main']['psnr_mean']:.4g}" in html
+    assert f"{metrics['gan_inversion']['attack_accuracy']:.4g}" in html
+    assert 'What leaked' in html
+
+
+def test_rerun_replaces_the_folder_whole(attacked, tmp_path):
+    (attacked / 'stale.txt').write_text('from an earlier run')
+    run_all_attacks.main(['--model', str(attacked.parent / 'run' / 'global_model.pth'), '--output-dir',
+                          str(attacked), '--cache-dir', str(attacked.parent / 'cache'), '--attacks', 'model',
+                          *TINY_ATTACKS])
+    assert not (attacked / 'stale.txt').exists()
+    assert 'gradient_inversion' not in json.loads((attacked / 'metrics.json').read_text())
+
+
+def test_missing_model_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_all_attacks.main(['--model', str(tmp_path / 'nope.pth'), '--output-dir', str(tmp_path / 'out')])
+    assert 'training history not found' in str(e.value) or 'not found' in str(e.value)
+    assert not (tmp_path / 'out').exists()
