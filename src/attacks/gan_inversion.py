@@ -6,7 +6,7 @@ final global model assigns to that class, while the GAN's discriminator keeps th
 
     min_z  -D(G(z)) + lambda * L_id(T(G(z)), class),   z clamped to [-1, 1]
 
-L_id is cross-entropy (GMI) or the negative target logit (Nguyen et al., CVPR 2023: the "logit loss",
+L_id is cross-entropy (GMI) or, by default, the negative target logit (Nguyen et al., CVPR 2023: the "logit loss",
 stronger because it does not saturate). All classes x restarts are optimised as ONE batch; per class
 the restart the target is most confident about is kept (GMI's protocol), and accuracy averaged over
 all restarts is reported too (the protocol of later papers).
@@ -16,6 +16,7 @@ Public-data protocols (--gmi-public):
   classes:5-9    only those classes of the test split; the attack targets the others (class-disjoint)
   fashion-mnist  another dataset's test split (--gmi-public-dir: its IDX folder)     (cross-dataset)
 """
+import copy
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ from src.plots import save_image_grid
 from src.utils import UserError, derive_seed, load_torch, resolve_precision, save_torch
 
 Z_DIM = 100
-ARCH = 'dcgan28-v1'  # part of the cache key: change it when the networks change
+ARCH = 'dcgan28-v2'  # part of the cache key: change it when the networks change
 
 
 class Generator(nn.Module):
@@ -58,8 +59,8 @@ class Discriminator(nn.Module):
     def __init__(self):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(1, 64, 4, 2, 1), nn.LeakyReLU(0.2), nn.Dropout(0.3),
-            nn.Conv2d(64, 128, 4, 2, 1), nn.LeakyReLU(0.2), nn.Dropout(0.3),
+            nn.Conv2d(1, 64, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(64, 128, 4, 2, 1), nn.LeakyReLU(0.2),
             nn.Flatten(), nn.Linear(128 * 7 * 7, 1))
 
     def forward(self, x):
@@ -117,7 +118,7 @@ def train_gan(images, seed, steps, batch_size=64, lr=2e-4, precision='fp32', dev
     reshuffling every pass. A step budget (not epochs) keeps training time the same for any public-set size.
 
     Returns (G, D, history): mean losses and D accuracies over each `log_every` steps. channels_last + bf16
-    autocast train ~3x faster than fp32 on AMX CPUs (benchmarks/bench_gan_inversion.py measures it).
+    autocast train ~2x faster than fp32 on AMX CPUs (benchmarks/bench_gan_inversion.py measures it).
     """
     device = torch.device(device)
     torch.manual_seed(derive_seed(seed, 'gmi', 'init'))
@@ -219,6 +220,11 @@ def load_or_train_gan(images, seed, steps, batch_size=64, lr=2e-4, precision='au
 
 # ---------------------------------------------------------------------------------------------- latent search
 
+# identity-loss weight: GMI's 100 for cross-entropy; the logit loss is ~10x larger in size, and 10 measured best
+# (benchmarks/bench_gan_inversion.py)
+DEFAULT_LAMBDA = {'ce': 100.0, 'logit': 10.0}
+
+
 def identity_loss(logits, classes, kind):
     """Per-sample identity loss: cross-entropy (GMI) or the negative target logit (Nguyen et al. 2023)."""
     if kind == 'ce':
@@ -228,48 +234,51 @@ def identity_loss(logits, classes, kind):
     raise UserError(f"--gmi-loss {kind!r}: use 'ce' or 'logit'")
 
 
-def invert(G, D, model, classes, restarts=5, steps=600, lr=0.02, lam=100.0, loss='ce', seed=0,
-           clip=1.0, progress=True, z0=None):
+def invert(G, D, model, classes, restarts=5, steps=600, lr=0.002, lam=10.0, loss='logit', seed=0,
+           clip=1.0, precision='auto', progress=True, z0=None):
     """GMI latent search for every class in `classes`, `restarts` random starts each, as one batch.
 
     Each latent's objective depends only on its own image (G and D in eval mode, no batch norm in D), so
     the summed loss gives every latent exactly its own gradient. SGD with Nesterov momentum 0.9 and z
-    clamped to [-clip, clip] after every step, as GMI's code does.
-    Returns images (C, R, 1, 28, 28), the target's softmax confidence for the class (C, R), and z (C, R, Z).
+    clamped to [-clip, clip] after every step, as GMI's code does. The search runs on channels_last
+    copies of the networks under bf16 autocast where the hardware has it (~2x faster on AMX CPUs,
+    benchmarks/bench_gan_inversion.py); the returned confidences are computed in fp32.
+    Returns images (C, R, 1, 28, 28), the target's softmax confidence for the class (C, R), z (C, R, Z) and
+    the confidence's logarithm (C, R), which still ranks restarts whose confidences all round to 1.
     """
     device = next(G.parameters()).device
+    precision = resolve_precision(precision, device)
     classes = torch.as_tensor(classes, dtype=torch.long)
     n_classes = len(classes)
     target = classes.repeat_interleave(restarts).to(device)
-    gen = torch.Generator().manual_seed(derive_seed(seed, 'gmi', 'latents'))
     if z0 is None:  # GMI draws z ~ N(0, I) and clamps it
-        z0 = torch.randn(n_classes * restarts, Z_DIM, generator=gen)
+        z0 = torch.randn(n_classes * restarts, Z_DIM, generator=torch.Generator().manual_seed(
+            derive_seed(seed, 'gmi', 'latents')))
     z = z0.clone().clamp_(-clip, clip).to(device).requires_grad_()
+    # frozen channels_last copies: the caller's modules (the target model above all) stay untouched
+    G_, D_, T_ = (copy.deepcopy(m).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+                  for m in (G, D, model))
     opt = torch.optim.SGD([z], lr=lr, momentum=0.9, nesterov=True)
-    for p in (*G.parameters(), *D.parameters(), *model.parameters()):
-        p.requires_grad_(False)
-    try:
-        bar = tqdm(range(steps), desc=f'GMI latent search ({n_classes} classes x {restarts} restarts)',
-                   unit='step', disable=not progress, leave=False)
-        for step in bar:
-            fake = G(z)
-            prior = -D(fake)
-            iden = identity_loss(model(fake), target, loss)
-            opt.zero_grad(set_to_none=True)
-            (prior + lam * iden).sum().backward()
-            opt.step()
-            with torch.no_grad():
-                z.clamp_(-clip, clip)
-            if step % 50 == 0:
-                bar.set_postfix(prior=f'{prior.mean().item():.2f}', identity=f'{iden.mean().item():.3f}', refresh=False)
-    finally:
-        for p in (*G.parameters(), *D.parameters(), *model.parameters()):
-            p.requires_grad_(True)
+    bar = tqdm(range(steps), desc=f'GMI latent search ({n_classes} classes x {restarts} restarts)',
+               unit='step', disable=not progress, leave=False)
+    for step in bar:
+        with autocast(device, precision):
+            fake = G_(z).contiguous(memory_format=torch.channels_last)
+            prior = -D_(fake).float()
+            iden = identity_loss(T_(fake).float(), target, loss)
+        opt.zero_grad(set_to_none=True)
+        (prior + lam * iden).sum().backward()
+        opt.step()
+        with torch.no_grad():
+            z.clamp_(-clip, clip)
+        if step % 50 == 0:
+            bar.set_postfix(prior=f'{prior.mean().item():.2f}', identity=f'{iden.mean().item():.3f}', refresh=False)
     with torch.no_grad():
         images = G(z)
-        confidence = model(images).softmax(1).gather(1, target[:, None]).squeeze(1)
-    return (images.reshape(n_classes, restarts, 1, 28, 28), confidence.reshape(n_classes, restarts),
-            z.detach().reshape(n_classes, restarts, Z_DIM))
+        # log-probabilities: confidences of 1 - 1e-9 all round to 1.0 but must still rank the restarts
+        log_conf = model(images).log_softmax(1).gather(1, target[:, None]).squeeze(1)
+    return (images.reshape(n_classes, restarts, 1, 28, 28), log_conf.exp().reshape(n_classes, restarts),
+            z.detach().reshape(n_classes, restarts, Z_DIM), log_conf.reshape(n_classes, restarts))
 
 
 # ---------------------------------------------------------------------------------------------- the attack
@@ -288,10 +297,14 @@ def add_arguments(parser):
                    help='GAN training precision (auto: bf16 autocast where the hardware has it)')
     g.add_argument('--gmi-restarts', type=int, default=5, help='random latent starts per class')
     g.add_argument('--gmi-steps', type=int, default=600, help='latent-search steps')
-    g.add_argument('--gmi-lr', type=float, default=0.02, help='latent-search learning rate (SGD, Nesterov 0.9)')
-    g.add_argument('--gmi-lambda', type=float, default=100.0, help='weight of the identity loss against the prior')
-    g.add_argument('--gmi-loss', default='ce', choices=['ce', 'logit'],
-                   help="identity loss: 'ce' (GMI) or 'logit' (negative target logit, stronger)")
+    g.add_argument('--gmi-lr', type=float, default=0.002,
+                   help='latent-search learning rate (SGD, Nesterov 0.9; per latent, on the summed loss)')
+    g.add_argument('--gmi-lambda', type=float, default=None,
+                   help='weight of the identity loss against the prior (default: 100 for ce as in GMI, 10 for logit, '
+                        'whose values are larger)')
+    g.add_argument('--gmi-loss', default='logit', choices=['ce', 'logit'],
+                   help="identity loss: 'logit' (negative target logit, Nguyen et al. 2023; default, stronger) or "
+                        "'ce' (cross-entropy, GMI's original, which saturates once the target is sure)")
 
 
 def check_args(args):
@@ -301,98 +314,109 @@ def check_args(args):
     for name in ('gmi_gan_lr', 'gmi_lr'):
         if not getattr(args, name) > 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive")
-    if args.gmi_lambda < 0:
+    if args.gmi_lambda is not None and args.gmi_lambda < 0:
         raise UserError('--gmi-lambda must be >= 0')
 
 
-def summarise(score, mask=None):
-    """Mean of per-image scores over the selected images (JSON-able)."""
-    per = score['per_image']
-    keep = np.ones(len(per['target_class']), bool) if mask is None else np.asarray(mask)
-    pred, cls = np.asarray(per['eval_prediction'])[keep], np.asarray(per['target_class'])[keep]
-    mean = lambda k: float(np.nanmean(np.asarray(per[k], dtype=float)[keep]))  # noqa: E731
+def summarise(per_image, mask, target_confidence):
+    """Means over the selected images of the evaluation classifier's scores (JSON-able)."""
+    pred, cls = np.asarray(per_image['eval_prediction'])[mask], np.asarray(per_image['target_class'])[mask]
+    mean = lambda k: float(np.nanmean(np.asarray(per_image[k], dtype=float)[mask]))  # noqa: E731 (None -> nan)
     return {'attack_accuracy': float((pred == cls).mean()), 'eval_confidence': mean('eval_confidence'),
             'knn_feature_distance': mean('knn_feature_distance'), 'knn_pixel_distance': mean('knn_pixel_distance'),
-            'count': int(keep.sum())}
+            'target_confidence': float(np.asarray(target_confidence)[mask].mean()), 'count': int(mask.sum())}
 
 
 def run(target, args, out_dir):
     from src.evaluation import load_or_train_eval_classifier, private_data, score_inversions
     check_args(args)
     started = time.perf_counter()
-    device, seed = target.device, args.seed
+    device, seed, R = target.device, args.seed, args.gmi_restarts
+    lam = DEFAULT_LAMBDA[args.gmi_loss] if args.gmi_lambda is None else args.gmi_lambda
     cache_dir = getattr(args, 'cache_dir', 'cache')
     images, protocol, attacked = public_data(target, args.gmi_public, args.gmi_public_dir)
-    tqdm.write(f"GMI: generative prior from {protocol['description']} ({protocol['num_images']} images)")
+    tqdm.write(f"GMI: generative prior learned from {protocol['description']} ({protocol['num_images']} images)")
 
     G, D, gan = load_or_train_gan(images, seed, args.gmi_gan_steps, args.gmi_batch_size, args.gmi_gan_lr,
                                   args.gmi_precision, device, cache_dir)
     tqdm.write(f"GMI: GAN {'loaded from ' + gan['cache_path'] if gan['from_cache'] else 'trained'} "
                f"(training took {gan['train_seconds']:.0f} s)")
     with torch.no_grad():
-        torch.manual_seed(derive_seed(seed, 'gmi', 'samples'))
-        samples = G(torch.randn(40, Z_DIM).to(device)).cpu().numpy()[:, 0]
+        z = torch.randn(40, Z_DIM, generator=torch.Generator().manual_seed(derive_seed(seed, 'gmi', 'samples')))
+        samples = G(z.to(device)).cpu().numpy()[:, 0]
     save_image_grid(os.path.join(out_dir, 'gan_samples.png'), [list(samples[r * 10:(r + 1) * 10]) for r in range(4)],
-                    suptitle=f"GAN prior samples, unconditioned ({protocol['description']})")
+                    suptitle=f"GAN prior, unconditioned samples ({protocol['description']})")
 
     classes = list(range(NUM_CLASSES))  # invert every class; the headline numbers cover the attacked ones
     t0 = time.perf_counter()
-    inv, conf, _ = invert(G, D, target.model, classes, args.gmi_restarts, args.gmi_steps, args.gmi_lr,
-                          args.gmi_lambda, args.gmi_loss, seed)
+    inv, conf, _, log_conf = invert(G, D, target.model, classes, R, args.gmi_steps, args.gmi_lr, lam,
+                                    args.gmi_loss, seed)
     inversion_seconds = time.perf_counter() - t0
 
     eval_model, eval_info = load_or_train_eval_classifier(target.data, seed, cache_dir, device)
     px, py = private_data(target)
-    R = args.gmi_restarts
-    flat_classes = np.repeat(classes, R)
-    score_all = score_inversions(eval_model, inv.reshape(-1, 1, 28, 28), flat_classes, px, py)
-    best = conf.argmax(1).cpu()  # GMI: per class, the restart the TARGET is most confident about
-    best_images = inv[torch.arange(len(classes)), best]
-    best_flat = np.arange(len(classes)) * R + best.numpy()
-    attacked_mask = np.isin(classes, attacked)
-    per = score_all['per_image']
-    best_score = {'per_image': {k: [v[i] for i in best_flat] for k, v in per.items()}}
-
+    score = score_inversions(eval_model, inv.reshape(-1, 1, 28, 28), np.repeat(classes, R), px, py)['per_image']
+    best = log_conf.argmax(1).cpu().numpy()  # GMI: per class, the restart the TARGET is most confident about
+    is_best = np.zeros((NUM_CLASSES, R), bool)
+    is_best[classes, best] = True
+    is_best = is_best.ravel()
+    is_attacked = np.isin(np.repeat(classes, R), attacked)
+    target_conf = conf.cpu().numpy().ravel()
+    overall = {
+        'best_restart': dict(summarise(score, is_best & is_attacked, target_conf),
+                             protocol="GMI's: per class, the restart the target model is most confident about"),
+        'all_restarts': dict(summarise(score, is_attacked, target_conf),
+                             protocol='later papers\': every restart of every attacked class, averaged')}
+    if len(attacked) < NUM_CLASSES:  # class-disjoint: the classes the GAN saw, for contrast
+        overall['public_classes_best_restart'] = summarise(score, is_best & ~is_attacked, target_conf)
+    per_class = {str(c): dict({k: score[k][c * R + best[c]] for k in
+                               ('eval_prediction', 'eval_confidence', 'knn_feature_distance', 'knn_pixel_distance')},
+                              target_confidence=float(conf[c, best[c]]), best_restart_index=int(best[c]),
+                              attack_accuracy_all_restarts=float(np.mean(
+                                  np.asarray(score['eval_prediction'][c * R:(c + 1) * R]) == c)),
+                              attacked=c in attacked)
+                 for c in classes}
+    b, a = overall['best_restart'], overall['all_restarts']
     metrics = {
-        'public_data': protocol,
-        'attacked_classes': attacked,
-        'identity_loss': args.gmi_loss,
-        'best_of_restarts': dict(summarise(best_score, attacked_mask),
-                                 protocol="GMI: per class the restart with the target's highest confidence"),
-        'average_over_restarts': dict(summarise(score_all, np.repeat(attacked_mask, R)),
-                                      protocol='every restart scored, then averaged'),
-        'target_confidence_best': float(conf.max(1).values[attacked_mask].mean()),
-        'per_class': {str(c): {'eval_prediction': best_score['per_image']['eval_prediction'][c],
-                               'eval_confidence': best_score['per_image']['eval_confidence'][c],
-                               'target_confidence': float(conf[c, best[c]]),
-                               'knn_feature_distance': best_score['per_image']['knn_feature_distance'][c],
-                               'knn_pixel_distance': best_score['per_image']['knn_pixel_distance'][c],
-                               'attacked': bool(attacked_mask[c])} for c in classes},
-        'gan': {'train_seconds': gan['train_seconds'], 'from_cache': gan['from_cache'], 'cache_path': gan['cache_path'],
-                'precision': gan['precision'], 'steps': args.gmi_gan_steps, 'final_d_loss': gan['history']['d_loss'][-1],
-                'final_g_loss': gan['history']['g_loss'][-1]},
-        'gan_train_seconds': gan['train_seconds'],
+        'summary': (f"evaluation-classifier attack accuracy {b['attack_accuracy']:.3f} (best restart per class), "
+                    f"{a['attack_accuracy']:.3f} (all {R} restarts); KNN distance to private images "
+                    f"{b['knn_feature_distance']:.2f} (eval features) / {b['knn_pixel_distance']:.2f} (pixels); "
+                    f"prior: {protocol['name']}"),
+        'attack_accuracy': b['attack_accuracy'], 'attack_accuracy_all_restarts': a['attack_accuracy'],
+        'eval_confidence': b['eval_confidence'], 'knn_feature_distance': b['knn_feature_distance'],
+        'knn_pixel_distance': b['knn_pixel_distance'],
+        'public_data': protocol, 'attacked_classes': attacked,
+        'overall': overall, 'per_class': per_class,
+        'gan_train_seconds': gan['train_seconds'], 'gan_from_cache': gan['from_cache'],
         'inversion_seconds': inversion_seconds,
-        'search': {'restarts': R, 'steps': args.gmi_steps, 'lr': args.gmi_lr, 'lambda': args.gmi_lambda},
-        'eval_classifier': {'test_accuracy': eval_info['test_accuracy'], 'from_cache': eval_info['from_cache']},
+        'gan': {'cache_path': gan['cache_path'], 'precision': gan['precision'], 'steps': args.gmi_gan_steps,
+                'batch_size': args.gmi_batch_size, 'lr': args.gmi_gan_lr, 'loss': 'DCGAN non-saturating',
+                'final_d_loss': gan['history']['d_loss'][-1], 'final_g_loss': gan['history']['g_loss'][-1]},
+        'settings': {'identity_loss': args.gmi_loss, 'restarts': R, 'steps': args.gmi_steps, 'lr': args.gmi_lr,
+                     'lambda': lam, 'optimizer': 'SGD, Nesterov momentum 0.9', 'z_range': [-1, 1]},
+        'eval_classifier': {k: eval_info[k] for k in ('test_accuracy', 'from_cache', 'cache_path')},
         'seed': seed,
+        'seconds': None,
         'threat_model': {
             'attacker': 'honest-but-curious server',
-            'knows': 'the final global model (white-box gradients) and its own public data: '
+            'knows': 'white-box final global model, and its own public data for the GAN prior: '
                      + protocol['description'],
-            'does_not_know': "any client's training data (used only to score the attack)"},
+            'does_not_know': "any client's training data or updates",
+            'scoring_only': "the clients' private training images (KNN distance) and an independent "
+                            'evaluation classifier trained centrally on the training split'},
     }
-    b, a = metrics['best_of_restarts'], metrics['average_over_restarts']
-    metrics.update(attack_accuracy=b['attack_accuracy'], attack_accuracy_avg=a['attack_accuracy'],
-                   eval_confidence=b['eval_confidence'], knn_feature_distance=b['knn_feature_distance'],
-                   knn_pixel_distance=b['knn_pixel_distance'])
 
-    titles = [[f"{c}{'' if attacked_mask[c] else ' (public)'}: eval {best_score['per_image']['eval_prediction'][c]} "
-               f"{best_score['per_image']['eval_confidence'][c]:.0%}" for c in classes]]
-    save_image_grid(os.path.join(out_dir, 'gan_inversion_all.png'), [list(best_images.cpu().numpy()[:, 0])], titles,
-                    suptitle=f"GMI ({args.gmi_loss} loss, prior: {protocol['name']}): attack accuracy "
-                             f"{b['attack_accuracy']:.0%} best-of-{R}, {a['attack_accuracy']:.0%} averaged")
+    titles = [[f"{c}{'' if c in attacked else ' (public)'}\neval: {score['eval_prediction'][c * R + best[c]]} "
+               f"({score['eval_confidence'][c * R + best[c]]:.2f})" for c in classes]]
+    best_images = inv[torch.arange(NUM_CLASSES), torch.from_numpy(best)].cpu().numpy()[:, 0]
+    save_image_grid(os.path.join(out_dir, 'gan_inversion_all.png'), [list(best_images)], titles,
+                    suptitle=f"GMI ({args.gmi_loss} identity loss, prior: {protocol['name']}), best of {R} restarts "
+                             f"by target confidence; label: evaluation classifier's prediction (its confidence for "
+                             f"the target class)")
     metrics['seconds'] = time.perf_counter() - started
-    arrays = {'gan_inversion_best': best_images.cpu().numpy(), 'gan_inversion_all_restarts': inv.cpu().numpy(),
-              'gan_inversion_target_confidence': conf.cpu().numpy(), 'gan_samples': samples}
+    arrays = {'best_images': best_images.astype(np.float32),                                  # (10, 28, 28)
+              'all_restarts': inv.cpu().numpy()[:, :, 0].astype(np.float32),                  # (10, R, 28, 28)
+              'target_confidence_all': conf.cpu().numpy().astype(np.float32),                 # (10, R)
+              'eval_predictions_all': np.asarray(score['eval_prediction'], np.int64).reshape(NUM_CLASSES, R),
+              'gan_samples': samples.astype(np.float32)}                                      # (40, 28, 28)
     return metrics, arrays
