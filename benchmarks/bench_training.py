@@ -63,6 +63,47 @@ def plain_loop(cfg, data):
     return evaluate(model, tx, ty)[1], samples / train_seconds
 
 
+def plain_client(model, x, y, epochs, batch_size, lr, generator):
+    """One client's local training written the plain way (fp32, default layout)."""
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(epochs):
+        order = torch.randperm(len(y), generator=generator)
+        for s in range(0, len(y), batch_size):
+            idx = order[s:s + batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def interleaved_speed(cfg, data, pairs=5):
+    """Samples/s of the plain loop and of client_update, measured in alternating pairs on the same
+    client, so a machine whose speed drifts (shared hosts do) biases neither side."""
+    from src.client import client_update
+    from src.utils import resolve_device, resolve_precision
+    precision = resolve_precision(cfg['precision'], resolve_device('cpu'))
+    p = partition(data.train_labels, cfg['num_clients'], cfg['data_distribution'],
+                  derive_seed(cfg['seed'], 'partition'), cfg['dirichlet_alpha'])[0]
+    x, y = to_tensor(data.train_images[p]), torch.from_numpy(data.train_labels[p].astype(np.int64))
+    n = len(p) * cfg['local_epochs']
+    ratios, plain_rates, ours_rates = [], [], []
+    fast = CNN().to(memory_format=torch.channels_last)
+    for i in range(pairs + 1):  # the first pair warms both up and is not counted
+        t0 = time.perf_counter()
+        plain_client(CNN(), x, y, cfg['local_epochs'], cfg['batch_size'], cfg['learning_rate'],
+                     torch.Generator().manual_seed(i))
+        t1 = time.perf_counter()
+        client_update(fast, x, y, cfg['local_epochs'], cfg['batch_size'], cfg['learning_rate'], precision,
+                      torch.Generator().manual_seed(i))
+        t2 = time.perf_counter()
+        if i:
+            plain_rates.append(n / (t1 - t0))
+            ours_rates.append(n / (t2 - t1))
+            ratios.append((t1 - t0) / (t2 - t1))
+    return float(np.median(plain_rates)), float(np.median(ours_rates)), float(np.median(ratios)), precision
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data-dir', default=os.path.join('..', 'shared', 'data', 'mnist-10k'))
@@ -79,12 +120,17 @@ def main():
         history = train(cfg, log=lambda *a: None)
     ours = history['samples_per_second']
     plain_acc, plain = plain_loop(cfg, data)
+    plain_rate, ours_rate, ratio, precision = interleaved_speed(cfg, data)
     print(f"{args.config} {args.distribution} on {args.data_dir} ({len(data.train_labels)} train images), "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"plain loop (fp32, NCHW):     {plain:8.0f} samples/s   final test accuracy {plain_acc:.4f}")
-    print(f"project ({history['precision']}, channels_last): {ours:8.0f} samples/s   "
+    print('whole federated run, one after the other:')
+    print(f"  plain loop (fp32, NCHW):            {plain:8.0f} samples/s   final test accuracy {plain_acc:.4f}")
+    print(f"  project ({history['precision']}, channels_last):     {ours:8.0f} samples/s   "
           f"final test accuracy {history['final_test_accuracy']:.4f}")
-    print(f"speed-up: {ours / plain:.2f}x   accuracy difference: {history['final_test_accuracy'] - plain_acc:+.4f}")
+    print(f"  ratio {ours / plain:.2f}x   accuracy difference {history['final_test_accuracy'] - plain_acc:+.4f}")
+    print('local training of one client, 5 alternating pairs (median; robust to a drifting machine):')
+    print(f"  plain loop {plain_rate:.0f} samples/s, project ({precision}) {ours_rate:.0f} samples/s")
+    print(f"speed-up: {ratio:.2f}x")
 
 
 if __name__ == '__main__':

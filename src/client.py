@@ -17,8 +17,8 @@ def client_update(model, images, labels, epochs, batch_size, lr, precision='fp32
 
     `images` is a float tensor (N, 1, 28, 28) already on the model's device; batches are
     index slices of it (no DataLoader: the data is small and already in memory).
-    The shuffle order comes from `generator`; dropout draws from torch's global RNG,
-    which the caller seeds per (round, client).
+    The shuffle order comes from `generator`; dropout draws its masks from
+    `model.dropout.generator`, which the caller seeds per (round, client).
     """
     device = images.device
     model.train()

@@ -132,3 +132,20 @@ def test_real_digits_one_round(real_data, tmp_path):
                      learning_rate=0.05)
     history = train(cfg, log=lambda *a: None)
     assert history['final_test_accuracy'] > 0.85
+
+
+def test_clients_in_parallel_threads_equal_sequential(idx_dir, tmp_path):
+    """Two clients at once (one intra-op thread each) give bit-identical weights to one at a time."""
+    quiet = lambda *a: None  # noqa: E731
+    cfg = dict(num_rounds=2, local_epochs=2, precision='fp32')
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # -> one client at a time
+        train(tiny_config(idx_dir, tmp_path / 'seq', **cfg), log=quiet)
+        torch.set_num_threads(2)  # -> two clients at a time
+        train(tiny_config(idx_dir, tmp_path / 'par', **cfg), log=quiet)
+    finally:
+        torch.set_num_threads(before)
+    a = torch.load(tmp_path / 'seq' / 'global_model.pth', weights_only=True)
+    b = torch.load(tmp_path / 'par' / 'global_model.pth', weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
