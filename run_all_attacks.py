@@ -20,18 +20,8 @@ def parse_args(argv=None):
     p.add_argument('--model', default='global_model.pth', help='global model written by main.py')
     p.add_argument('--history', help='training_history.json (default: beside --model)')
     p.add_argument('--data-dir', help="the clients' data (default: the directory training used)")
-    p.add_argument('--attacks', default='gradient,model,gan', help='comma-separated subset of gradient,model,gan')
-    p.add_argument('--output-dir', default='attack_results')
-    p.add_argument('--cache-dir', default='cache', help='trained evaluation classifier and GAN are kept here')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--device', default='auto')
     runner.add_arguments(p)
-    args = p.parse_args(argv)
-    args.attacks = [a.strip() for a in args.attacks.split(',') if a.strip()]
-    unknown = [a for a in args.attacks if a not in runner.ATTACKS]
-    if unknown or not args.attacks:
-        p.error(f"--attacks: unknown {unknown}; choose from {', '.join(runner.ATTACKS)}")
-    return args
+    return runner.parse_args(p, argv)
 
 
 def main(argv=None):

@@ -22,17 +22,8 @@ def parse_args(argv=None):
     p.add_argument('--dataset', choices=['mnist', 'fashion-mnist'])
     p.add_argument('--data-dir')
     p.add_argument('--distribution', dest='data_distribution', choices=['iid', 'non_iid', 'shards', 'dirichlet'])
-    p.add_argument('--attacks', default='gradient,model,gan', help='comma-separated subset of gradient,model,gan')
-    p.add_argument('--output-dir', default='attack_results')
-    p.add_argument('--cache-dir', default='cache', help='trained evaluation classifier and GAN are kept here')
-    p.add_argument('--seed', type=int, default=0)
-    p.add_argument('--device', default='auto')
     runner.add_arguments(p)
-    args = p.parse_args(argv)
-    args.attacks = [a.strip() for a in args.attacks.split(',') if a.strip()]
-    if not args.attacks or any(a not in runner.ATTACKS for a in args.attacks):
-        p.error(f"--attacks: choose from {', '.join(runner.ATTACKS)}")
-    return args
+    return runner.parse_args(p, argv)
 
 
 def main(argv=None):

@@ -10,9 +10,24 @@ ATTACKS = {  # name -> (module, key in metrics.json)
 
 
 def add_arguments(parser):
-    """Every attack's own flags, each under its heading."""
+    """The flags every attack run shares, then every attack's own flags under its heading."""
+    parser.add_argument('--attacks', default='gradient,model,gan', help='comma-separated subset of gradient,model,gan')
+    parser.add_argument('--output-dir', default='attack_results')
+    parser.add_argument('--cache-dir', default='cache', help='trained evaluation classifier and GAN are kept here')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--device', default='auto')
     for module, _ in ATTACKS.values():
         importlib.import_module(module).add_arguments(parser)
+
+
+def parse_args(parser, argv=None):
+    """Parse, turning --attacks into a checked list."""
+    args = parser.parse_args(argv)
+    args.attacks = [a.strip() for a in args.attacks.split(',') if a.strip()]
+    unknown = [a for a in args.attacks if a not in ATTACKS]
+    if unknown or not args.attacks:
+        parser.error(f"--attacks: unknown {unknown}; choose from {', '.join(ATTACKS)}")
+    return args
 
 
 def run_attacks(target, args, out_dir, names, log=print):
