@@ -163,3 +163,19 @@ def test_run_writes_figures_and_honest_metrics(idx_dir, tmp_path):
     assert arrays['best_images'].shape == (10, 28, 28) and arrays['all_restarts'].shape == (10, 2, 28, 28)
     json.dumps(metrics)  # JSON-able as it stands
     assert gi.run(target, args, str(out))[0]['gan_from_cache']
+
+
+def test_diverged_latents_are_reported_failed_not_returned():
+    import math
+
+    import torch
+
+    from src.attacks.gan_inversion import Discriminator, Generator, invert
+    from src.model import CNN
+    model = CNN()
+    with torch.no_grad():
+        model.fc2.bias.fill_(float('nan'))
+    images, conf, _, log_conf = invert(Generator(), Discriminator(), model, [0, 1], restarts=2, steps=3,
+                                       precision='fp32', progress=False)
+    assert torch.isfinite(images).all() and (images == 0).all()
+    assert (log_conf == -math.inf).all() and (conf == 0).all()

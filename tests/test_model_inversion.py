@@ -113,3 +113,20 @@ def test_run_writes_the_figure_and_consistent_metrics(tiny_target, tmp_path):
 def test_bad_settings_end_in_a_user_error(tiny_target, tmp_path, flag):
     with pytest.raises(UserError):
         mi.run(tiny_target, parse(flag), str(tmp_path))
+
+
+def test_diverged_images_are_reported_failed_not_returned():
+    """A model that answers NaN for every input: every image fails, none is passed off as a result."""
+    import math
+
+    import torch
+
+    from src.attacks.model_inversion import invert
+    from src.model import CNN
+    model = CNN()
+    with torch.no_grad():
+        model.fc2.bias.fill_(float('nan'))
+    x0 = torch.rand(4, 1, 28, 28)
+    images, log_prob = invert(model, x0, torch.tensor([0, 1, 2, 3]), steps=3, lr=0.1)
+    assert torch.isfinite(images).all() and (images == 0).all()
+    assert (log_prob == -math.inf).all()

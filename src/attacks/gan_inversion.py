@@ -18,6 +18,7 @@ Public-data protocols (--gmi-public):
 """
 import copy
 import hashlib
+import math
 import json
 import os
 import time
@@ -261,13 +262,18 @@ def invert(G, D, model, classes, restarts=5, steps=600, lr=0.002, lam=10.0, loss
     opt = torch.optim.SGD([z], lr=lr, momentum=0.9, nesterov=True)
     bar = tqdm(range(steps), desc=f'GMI latent search ({n_classes} classes x {restarts} restarts)',
                unit='step', disable=not progress, leave=False)
+    failed = torch.zeros(len(target), dtype=torch.bool, device=device)
     for step in bar:
         with autocast(device, precision):
             fake = G_(z).contiguous(memory_format=torch.channels_last)
             prior = -D_(fake).float()
             iden = identity_loss(T_(fake).float(), target, loss)
+        objective = (prior.reshape(-1) + lam * iden.reshape(-1))
+        bad = ~torch.isfinite(objective)  # a diverged latent must not poison the others' steps
+        failed |= bad
         opt.zero_grad(set_to_none=True)
-        (prior + lam * iden).sum().backward()
+        objective.masked_fill(bad, 0).sum().backward()
+        z.grad.nan_to_num_(0.0, 0.0, 0.0)
         opt.step()
         with torch.no_grad():
             z.clamp_(-clip, clip)
@@ -277,6 +283,10 @@ def invert(G, D, model, classes, restarts=5, steps=600, lr=0.002, lam=10.0, loss
         images = G(z)
         # log-probabilities: confidences of 1 - 1e-9 all round to 1.0 but must still rank the restarts
         log_conf = model(images).log_softmax(1).gather(1, target[:, None]).squeeze(1)
+    # a diverged latent is reported as failed (confidence 0, black image), never picked as best
+    failed |= ~torch.isfinite(log_conf) | ~torch.isfinite(images).flatten(1).all(1)
+    images = images.masked_fill(failed[:, None, None, None], 0)
+    log_conf = log_conf.masked_fill(failed, -math.inf)
     return (images.reshape(n_classes, restarts, 1, 28, 28), log_conf.exp().reshape(n_classes, restarts),
             z.detach().reshape(n_classes, restarts, Z_DIM), log_conf.reshape(n_classes, restarts))
 
@@ -389,6 +399,7 @@ def run(target, args, out_dir):
         'overall': overall, 'per_class': per_class,
         'gan_train_seconds': gan['train_seconds'], 'gan_from_cache': gan['from_cache'],
         'inversion_seconds': inversion_seconds,
+        'n_failed': int(torch.isinf(log_conf).sum()),  # diverged latents (none is used as a result)
         'gan': {'cache_path': gan['cache_path'], 'precision': gan['precision'], 'steps': args.gmi_gan_steps,
                 'batch_size': args.gmi_batch_size, 'lr': args.gmi_gan_lr, 'loss': 'DCGAN non-saturating',
                 'final_d_loss': gan['history']['d_loss'][-1], 'final_g_loss': gan['history']['g_loss'][-1]},

@@ -23,6 +23,7 @@ The best restart per class is picked by the TARGET model's log-probability (what
 can see); the independent evaluation classifier (src.evaluation) only scores the result.
 """
 import copy
+import math
 import os
 import time
 
@@ -87,6 +88,7 @@ def invert(model, x0, classes, steps, lr, loss='logit', tv_weight=5.0, l2_weight
     optimizer = torch.optim.Adam([x], lr=lr)
     shifts = torch.randint(-jitter, jitter + 1, (steps, 2), generator=torch.Generator().manual_seed(
         derive_seed(seed, 'model-inversion', 'jitter'))).tolist()
+    failed = torch.zeros(len(x), dtype=torch.bool, device=x.device)
     for step in range(steps):
         # jitter: the model sees the image shifted by a few pixels (one shift per step for the whole
         # batch), so only patterns that survive translation, i.e. shapes rather than pixel noise, pay off
@@ -95,8 +97,11 @@ def invert(model, x0, classes, steps, lr, loss='logit', tv_weight=5.0, l2_weight
             logits = work(seen).float()
         objective = (inversion_loss(logits, classes, loss)
                      + tv_weight * total_variation(x) + l2_weight * x.square().flatten(1).mean(1))
+        bad = ~torch.isfinite(objective)  # a diverged image must not poison the others' steps
+        failed |= bad
         optimizer.zero_grad(set_to_none=True)
-        objective.sum().backward()  # sum: each image gets exactly its own gradient
+        objective.masked_fill(bad, 0).sum().backward()  # sum: each image gets exactly its own gradient
+        x.grad.nan_to_num_(0.0, 0.0, 0.0)
         optimizer.step()
         with torch.no_grad():
             x.clamp_(0, 1)
@@ -104,7 +109,10 @@ def invert(model, x0, classes, steps, lr, loss='logit', tv_weight=5.0, l2_weight
             progress.update(1)
     with torch.no_grad():
         log_prob = work(x).float().log_softmax(1).gather(1, classes[:, None]).squeeze(1)
-    return x.detach().contiguous(), log_prob
+    # a diverged image is reported as failed (log-prob -inf, black), never picked as a class's best
+    failed |= ~torch.isfinite(log_prob) | ~torch.isfinite(x.detach()).flatten(1).all(1)
+    images = x.detach().masked_fill(failed[:, None, None, None], 0).contiguous()
+    return images, log_prob.masked_fill(failed, -math.inf)
 
 
 def start_images(num_classes, restarts, init, seed, device):
@@ -185,6 +193,7 @@ def run(target, args, out_dir):
                     f"(best restart per class), {overall['all_restarts']['attack_accuracy']:.3f} (all "
                     f"{restarts} restarts); attack {attack_seconds:.1f} s"),
         'seed': args.seed,
+        'n_failed': int(torch.isinf(log_prob).sum()),  # diverged images (none is used as a result)
         'seconds': total_seconds,
         'attack_seconds': attack_seconds,
         'settings': {'loss': args.mi_loss, 'steps': args.mi_steps, 'lr': args.mi_lr, 'restarts': restarts,
