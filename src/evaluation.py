@@ -148,6 +148,10 @@ def load_or_train_eval_classifier(dataset: Dataset, seed, cache_dir='cache', dev
     hp_key = hashlib.sha256(json.dumps(hp, sort_keys=True).encode()).hexdigest()[:10]
     path = os.path.join(cache_dir, f'eval_classifier_{dataset.name}_{fingerprint[:12]}_seed{seed}_{hp_key}.pt')
 
+    loaded = _LOADED.get(_memo_key(path, device))
+    if loaded is not None:  # both model-inversion attacks of a run score with one model object, so the
+        return loaded[0], dict(loaded[1], from_cache=True)  # private features it remembers are computed once
+
     model = EvalClassifier()
     if os.path.exists(path):
         try:
@@ -156,7 +160,7 @@ def load_or_train_eval_classifier(dataset: Dataset, seed, cache_dir='cache', dev
             if weights_digest(state) != info['weights_sha256'] or info['data_sha256'] != fingerprint:
                 raise UserError('weights do not match their recorded digest')
             model.load_state_dict(state)
-            return model.to(device).eval(), dict(info, cache_path=path, from_cache=True)
+            return _remember(path, device, model.to(device).eval(), dict(info, cache_path=path, from_cache=True))
         except (UserError, KeyError, TypeError, RuntimeError) as e:
             tqdm.write(f'note: ignoring corrupt evaluation-classifier cache {path} ({e}); retraining')
 
@@ -175,7 +179,25 @@ def load_or_train_eval_classifier(dataset: Dataset, seed, cache_dir='cache', dev
     tqdm.write(f'evaluation classifier for {dataset.name}: test accuracy {test_accuracy:.4f} '
                f'({train_seconds:.0f} s); cached at {path}')
     model.load_state_dict(state)
-    return model.to(device).eval(), dict(info, cache_path=path, from_cache=False)
+    return _remember(path, device, model.to(device).eval(), dict(info, cache_path=path, from_cache=False))
+
+
+_LOADED = {}  # (cache file, device, its mtime and size) -> (model, info), for this process
+
+
+def _memo_key(path, device):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return path, str(device), st.st_mtime_ns, st.st_size  # a file changed on disk is checked again
+
+
+def _remember(path, device, model, info):
+    key = _memo_key(path, device)
+    if key is not None:
+        _LOADED[key] = (model, info)
+    return model, info
 
 
 def private_features(eval_model, px):
