@@ -330,6 +330,32 @@ def labels_from_fc1_output_grads(model, d):
     return torch.tensor(out, device=d.device)
 
 
+def descend(x, loss_fn, n, steps, lr, schedule=True, desc=None, progress=False):
+    """Adam on the images x (kept in [0, 1]) minimising loss_fn(x), one loss per reconstruction (n).
+
+    A loss that turns non-finite is left out of the step (its gradient zeroed) and flagged, so one
+    diverging reconstruction cannot poison the others in the batch. With `schedule` the step size is
+    cut 5x at 60 % and 85 % of the steps. Returns the diverged mask (n,).
+    """
+    opt = torch.optim.Adam([x], lr=lr)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(steps * 0.6), int(steps * 0.85)], 0.2) if schedule else None
+    diverged = torch.zeros(n, dtype=torch.bool, device=x.device)
+    for _ in tqdm(range(steps), desc=desc, unit='step', leave=False, disable=not progress):
+        d = loss_fn(x)
+        bad = ~torch.isfinite(d)
+        diverged |= bad
+        opt.zero_grad()
+        d.masked_fill(bad, 0).sum().backward()
+        with torch.no_grad():
+            x.grad.nan_to_num_(0.0, 0.0, 0.0)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        with torch.no_grad():
+            x.clamp_(0, 1)
+    return diverged
+
+
 def invert_features(model, a2_target, G, W2, W1, batch_size, steps, restarts, generator, prior_image=None,
                     progress=True):
     """The default attack's search: every image and restart in one batch.
@@ -350,21 +376,8 @@ def invert_features(model, a2_target, G, W2, W1, batch_size, steps, restarts, ge
     if restarts > 2:
         x0[2:] = 0.1 * torch.rand(x0[2:].shape, generator=generator)
     x = x0.flatten(0, 1).to(G.device).requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=LR)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(steps * 0.6), int(steps * 0.85)], 0.2)
-    diverged = torch.zeros(restarts * n, dtype=torch.bool, device=G.device)
-    for _ in tqdm(range(steps), desc='gradient inversion', unit='step', leave=False, disable=not progress):
-        d, _ = feature_terms(model, x, a2_target, G, W2, W1, batch_size)
-        bad = ~torch.isfinite(d)
-        diverged |= bad
-        opt.zero_grad()
-        d.masked_fill(bad, 0).sum().backward()
-        with torch.no_grad():
-            x.grad.nan_to_num_(0.0, 0.0, 0.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            x.clamp_(0, 1)
+    diverged = descend(x, lambda x: feature_terms(model, x, a2_target, G, W2, W1, batch_size)[0], restarts * n,
+                       steps, LR, desc='gradient inversion', progress=progress)
     with torch.enable_grad():
         d, a2_dist = feature_terms(model, x.detach().requires_grad_(True), a2_target, G, W2, W1, batch_size)
     bad = diverged | ~torch.isfinite(d.detach()) | ~torch.isfinite(a2_dist.detach())
@@ -436,28 +449,14 @@ def invert_cosine(model, grads, labels, batch_size, steps, generator, tv_weight=
     n = target.shape[0] * batch_size
     onehot = F.one_hot(labels.reshape(-1), NUM_CLASSES).float()
     x = (0.1 * torch.rand(n, 1, 28, 28, generator=generator)).to(target.device).requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=0.05)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(steps * 0.6), int(steps * 0.85)], 0.2)
 
     def distance(x):
         g = flat(batch_grads(model, x, onehot, batch_size, create_graph=True))
         cos = 1 - F.cosine_similarity(g, target, dim=1, eps=1e-30)
         return cos + tv_weight * tv(x).view(-1, batch_size).sum(1)
 
-    diverged = torch.zeros(target.shape[0], dtype=torch.bool, device=target.device)
-    for _ in tqdm(range(steps), desc='gradient inversion (batches)', unit='step', leave=False,
-                  disable=not progress):
-        d = distance(x)
-        bad = ~torch.isfinite(d)
-        diverged |= bad
-        opt.zero_grad()
-        d.masked_fill(bad, 0).sum().backward()
-        with torch.no_grad():
-            x.grad.nan_to_num_(0.0, 0.0, 0.0)
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            x.clamp_(0, 1)
+    diverged = descend(x, distance, target.shape[0], steps, 0.05, desc='gradient inversion (batches)',
+                       progress=progress)
     with torch.enable_grad():
         d = distance(x.detach().requires_grad_(True)).detach()
     failed = diverged | ~torch.isfinite(d)
@@ -615,20 +614,12 @@ def invert_updates(global_w, deltas, labels, local_steps, lr, steps, generator, 
     C, B = labels.shape
     target = flat(deltas)
     x = (0.1 * torch.rand(C, B, 1, 28, 28, generator=generator)).to(target.device).requires_grad_(True)
-    opt = torch.optim.Adam([x], lr=0.05)
-    diverged = torch.zeros(C, dtype=torch.bool, device=target.device)
-    for _ in range(steps):
+
+    def distance(x):
         sim = flat(simulate_updates(global_w, x, labels, local_steps, lr))
-        d = 1 - F.cosine_similarity(sim, target, dim=1, eps=1e-30) + tv_weight * tv(x.flatten(0, 1)).view(C, B).sum(1)
-        bad = ~torch.isfinite(d)
-        diverged |= bad
-        opt.zero_grad()
-        d.masked_fill(bad, 0).sum().backward()
-        with torch.no_grad():
-            x.grad.nan_to_num_(0.0, 0.0, 0.0)
-        opt.step()
-        with torch.no_grad():
-            x.clamp_(0, 1)
+        return 1 - F.cosine_similarity(sim, target, dim=1, eps=1e-30) + tv_weight * tv(x.flatten(0, 1)).view(C, B).sum(1)
+
+    diverged = descend(x, distance, C, steps, 0.05, schedule=False)
     return x.detach().flatten(0, 1), diverged
 
 
