@@ -46,15 +46,18 @@ def dp_client_update(model, images, labels, epochs, batch_size, lr, noise_multip
     so the privacy spent keeps accumulating across rounds and survives a resume.
     """
     model.train()
-    engine = PrivacyEngine(accountant='rdp')
-    engine.accountant.history = [tuple(h) for h in accountant_history]
-    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
-    loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size)
-    private_model, optimizer, loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=generator)
-    with warnings.catch_warnings():  # Opacus's hooks warn that the input needs no gradient: expected
+    with warnings.catch_warnings():
+        # expected, said once in the README rather than every client-round: a seeded (not
+        # cryptographic) noise RNG, which reproducibility needs; and hooks on an input without gradient
+        warnings.filterwarnings('ignore', message='Secure RNG turned off')
         warnings.filterwarnings('ignore', message='Full backward hook is firing')
+        engine = PrivacyEngine(accountant='rdp')
+        engine.accountant.history = [tuple(h) for h in accountant_history]
+        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+        loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size)
+        private_model, optimizer, loader = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=generator)
         for _ in range(epochs):
             for x, y in loader:
                 if len(y) == 0:  # Poisson sampling can draw an empty batch: a step with no data
