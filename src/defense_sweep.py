@@ -140,6 +140,7 @@ def plot_tradeoff(rows, path):
             ax.axhline(baseline['gi_mean_image_psnr'], color='gray', ls='--', label='dataset-mean image')
         ax.set_title(title, fontsize=10)
         ax.set_xlabel('defense strength (0 = none)')
+        ax.set_xticks(range(1 + max(sum(r['defense'] == d for r in rows) for d in defenses)))
         ax.grid(alpha=.3)
     axes[0][-1].legend(fontsize=7, loc='best')
     fig.tight_layout()
