@@ -30,9 +30,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import config  # noqa: E402
 from src.attacks import gan_inversion as gi  # noqa: E402
-from src.attacks.target import load_target  # noqa: E402
+from common import standard_target  # noqa: E402
 from src.evaluation import load_or_train_eval_classifier, private_data, score_inversions  # noqa: E402
 
 TARGETS = {'best_restart': 0.95, 'all_restarts': 0.90, 'gan_seconds': 180.0, 'inversion_seconds': 30.0}
@@ -95,14 +94,7 @@ def main():
     seeds = [int(s) for s in args.seeds.split(',')]
 
     with tempfile.TemporaryDirectory() as tmp:
-        run_dir = args.run_dir
-        if run_dir is None:
-            from src.federated import train
-            run_dir = os.path.join(tmp, 'run')
-            cfg = config.resolve('standard', {'data_dir': args.data_dir, 'output_dir': run_dir})
-            print(f'training the standard model on {args.data_dir} into a temporary folder ...')
-            train(cfg, log=lambda *a: None)
-        target = load_target(os.path.join(run_dir, 'global_model.pth'), data_dir=args.data_dir, device='cpu')
+        target, run_dir = standard_target(args.data_dir, args.run_dir, os.path.join(tmp, 'run'))
         print(f"target: {run_dir}/global_model.pth, test accuracy {target.history['final_test_accuracy']:.4f}; "
               f'torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}')
         eval_model, info = load_or_train_eval_classifier(target.data, 0, args.cache_dir)

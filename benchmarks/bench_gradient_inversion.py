@@ -19,9 +19,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import config  # noqa: E402
 from src.attacks import gradient_inversion as gi  # noqa: E402
-from src.attacks.target import load_target  # noqa: E402
+from common import standard_target  # noqa: E402
 from src.metrics import psnr  # noqa: E402
 from src.utils import UserError  # noqa: E402
 
@@ -57,13 +56,7 @@ def main():
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args()
     try:
-        run_dir = args.run_dir
-        if run_dir is None:
-            from src.federated import train
-            run_dir = tempfile.mkdtemp(prefix='bench_gi_')
-            print(f'training the standard preset into {run_dir} ...')
-            train(config.resolve('standard', {'data_dir': args.data_dir, 'output_dir': run_dir}))
-        target = load_target(os.path.join(run_dir, 'global_model.pth'), data_dir=args.data_dir, device='cpu')
+        target, run_dir = standard_target(args.data_dir, args.run_dir, tempfile.mkdtemp(prefix='bench_gi_'))
     except UserError as e:
         sys.exit(f'error: {e}')
     print(f"model: {run_dir} (test accuracy {target.history['final_test_accuracy']:.4f}), "
@@ -84,7 +77,7 @@ def main():
           f"speed-up {idlg_total / ours['seconds']:.1f}x, PSNR {ours['psnr_mean'] - idlg['psnr_mean']:+.2f} dB "
           f"(default's mean over the same first {k}: "
           f"{sum(p['psnr'] for p in ours['per_image'][:k]) / k:.2f} dB)")
-    print(f'\n== batch size 1, dropout unknown (client in train mode, mask unknown to the server)')
+    print('\n== batch size 1, dropout unknown (client in train mode, mask unknown to the server)')
     print(line('default (batched)', attack(target, index, 'default', 1, True, args.seed)))
 
     print('\n== batch-size curve, default attack (batches the fc1 gradient does not separate: cosine fallback)')

@@ -410,7 +410,6 @@ def invert_default_batch(model, grads, batch_size, steps, restarts, generator, p
     own fc1 output gradient.
     Returns (images, labels (n_batches*B,), failed (n_batches*B,), separated (n_batches,) bool).
     """
-    from scipy.optimize import linear_sum_assignment
     counts = recover_labels(grads['fc2.bias'], batch_size)
     n_batches = counts.shape[0]
     parts = [separate_fc_inputs(grads['fc1.weight'][i], grads['fc1.bias'][i], batch_size) for i in range(n_batches)]
