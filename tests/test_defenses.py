@@ -88,3 +88,24 @@ def test_training_with_composed_defenses_reports_privacy(idx_dir, tmp_path):
     dp = history['privacy']['dp_sgd']
     assert len(dp['epsilon_per_client']) == 3 and dp['epsilon'] == max(dp['epsilon_per_client']) > 0
     assert history['privacy']['update_clip_noise']['epsilon'] > 0
+
+
+def test_sweep_resumes_and_writes_its_outputs(idx_dir, tmp_path):
+    import json
+
+    import run_defense_sweep
+    from src.defense_sweep import sweep
+
+    args = run_defense_sweep.parse_args(['--attacks', 'model', '--mi-steps', '3', '--mi-restarts', '1',
+                                         '--device', 'cpu', '--cache-dir', str(tmp_path / 'cache')])
+    base = tiny_config(idx_dir, tmp_path / 'unused', num_rounds=1)
+    grid = [('pruning', 'keep_fraction', [0.5])]
+    out = tmp_path / 'sweep'
+    logs = []
+    first = sweep(base, args, grid, ['model'], str(out), log=logs.append)
+    assert [p['point'] for p in first['points']] == ['none', 'pruning-keep_fraction=0.5']
+    assert (out / 'defense_tradeoff.png').exists() and json.loads((out / 'defense_sweep.json').read_text())
+    logs.clear()
+    again = sweep(base, args, grid, ['model'], str(out), log=logs.append)  # an interrupted sweep's rerun
+    assert sum('done earlier, reusing' in line for line in logs) == 2  # nothing was trained again
+    assert [p['test_accuracy'] for p in again['points']] == [p['test_accuracy'] for p in first['points']]
