@@ -21,7 +21,7 @@ from tqdm import tqdm
 from src.client import autocast
 from src.data import NUM_CLASSES, Dataset, to_tensor
 from src.model import MEAN, STD
-from src.utils import UserError, derive_seed, load_torch, resolve_precision, save_torch
+from src.utils import UserError, derive_seed, load_torch, resolve_precision, save_torch, state_digest
 
 # AdamW with a one-cycle schedule and random 2-pixel shifts.
 HPARAMS = {'arch': 'evalnet-v1', 'batch_size': 128, 'lr': 3e-3, 'weight_decay': 5e-4, 'max_shift': 2}
@@ -65,14 +65,6 @@ def default_epochs(n_train):
     # about 40k training images seen: 5 epochs on 8k real digits reached 99.5 % test accuracy
     # (1 epoch already 99.0 %); 2 passes over a 60k set
     return max(2, min(8, math.ceil(40_000 / n_train)))
-
-
-def weights_digest(state):
-    h = hashlib.sha256()
-    for k in sorted(state):
-        h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def random_shift(x, max_shift, generator):
@@ -157,7 +149,7 @@ def load_or_train_eval_classifier(dataset: Dataset, seed, cache_dir='cache', dev
         try:
             saved = load_torch(path, 'cached evaluation classifier')
             state, info = saved['state_dict'], saved['info']
-            if weights_digest(state) != info['weights_sha256'] or info['data_sha256'] != fingerprint:
+            if state_digest(state) != info['weights_sha256'] or info['data_sha256'] != fingerprint:
                 raise UserError('weights do not match their recorded digest')
             model.load_state_dict(state)
             return _remember(path, device, model.to(device).eval(), dict(info, cache_path=path, from_cache=True))
@@ -174,7 +166,7 @@ def load_or_train_eval_classifier(dataset: Dataset, seed, cache_dir='cache', dev
     info = {'dataset': dataset.name, 'data_sha256': fingerprint, 'seed': seed, 'hparams': hp,
             'num_train': int(len(dataset.train_labels)), 'num_test': int(len(dataset.test_labels)),
             'test_accuracy': test_accuracy, 'train_seconds': train_seconds, 'precision': precision,
-            'weights_sha256': weights_digest(state)}
+            'weights_sha256': state_digest(state)}
     save_torch({'state_dict': state, 'info': info}, path)
     tqdm.write(f'evaluation classifier for {dataset.name}: test accuracy {test_accuracy:.4f} '
                f'({train_seconds:.0f} s); cached at {path}')

@@ -96,6 +96,16 @@ def sha256_of_arrays(arrays):
     return h.hexdigest()
 
 
+def state_digest(*states):
+    """SHA-256 of state dicts' names and raw bytes: what a cache file records to detect tampering."""
+    h = hashlib.sha256()
+    for state in states:
+        for k in sorted(state):
+            h.update(k.encode())
+            h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def resolve_device(name='auto'):
     if name == 'auto':
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')

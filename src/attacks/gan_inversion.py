@@ -32,7 +32,7 @@ from tqdm import tqdm
 from src.client import autocast
 from src.data import CHECKSUMS, NUM_CLASSES, load_dataset, to_tensor
 from src.plots import save_image_grid
-from src.utils import UserError, derive_seed, load_torch, resolve_precision, save_torch
+from src.utils import UserError, derive_seed, load_torch, resolve_precision, save_torch, state_digest
 
 Z_DIM = 100
 ARCH = 'dcgan28-v2'  # part of the cache key: change it when the networks change
@@ -164,15 +164,6 @@ def train_gan(images, seed, steps, batch_size=64, lr=2e-4, precision='fp32', dev
     return G.eval(), D.eval(), history
 
 
-def weights_digest(*states):
-    h = hashlib.sha256()
-    for state in states:
-        for k in sorted(state):
-            h.update(k.encode())
-            h.update(state[k].detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def gan_cache_key(images, seed, steps, batch_size, lr, precision):
     key = {'arch': ARCH, 'z_dim': Z_DIM, 'public_sha256': hashlib.sha256(np.ascontiguousarray(images)).hexdigest(),
            'num_public': int(len(images)), 'seed': int(seed), 'steps': int(steps), 'batch_size': int(batch_size),
@@ -195,7 +186,7 @@ def load_or_train_gan(images, seed, steps, batch_size=64, lr=2e-4, precision='au
             saved = load_torch(path, 'cached GAN')
             if saved['key'] != key:
                 raise UserError('it was trained for other data or settings')
-            if weights_digest(saved['generator'], saved['discriminator']) != saved['weights_sha256']:
+            if state_digest(saved['generator'], saved['discriminator']) != saved['weights_sha256']:
                 raise UserError('weights do not match their recorded digest')
             G.load_state_dict(saved['generator'])
             D.load_state_dict(saved['discriminator'])
@@ -210,7 +201,7 @@ def load_or_train_gan(images, seed, steps, batch_size=64, lr=2e-4, precision='au
     g_state = {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}
     d_state = {k: v.detach().cpu().contiguous() for k, v in D.state_dict().items()}
     save_torch({'key': key, 'generator': g_state, 'discriminator': d_state, 'train_seconds': train_seconds,
-                'history': history, 'precision': precision, 'weights_sha256': weights_digest(g_state, d_state)}, path)
+                'history': history, 'precision': precision, 'weights_sha256': state_digest(g_state, d_state)}, path)
     # plain contiguous fp32 copies: the trained modules are channels_last
     G, D = Generator(), Discriminator()
     G.load_state_dict(g_state)
