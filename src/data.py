@@ -128,8 +128,22 @@ def md5sum(path):
     return h.hexdigest()
 
 
+def _first_missing_dir(path):
+    """The outermost directory of `path` that does not exist yet (None if it all exists)."""
+    missing = None
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        missing, path = path, os.path.dirname(path)
+    return missing
+
+
 def download_file(filename, data_dir, mirrors, md5, timeout=60):
-    """Fetch `filename` from the first mirror whose copy matches `md5`; write it atomically."""
+    """Fetch `filename` from the first mirror whose copy matches `md5`; write it atomically.
+
+    If every mirror fails, directories this call created are removed again when they hold no
+    file, so a failed download leaves nothing behind.
+    """
+    created = _first_missing_dir(data_dir)
     errors = []
     for base in mirrors:
         url = base + filename
@@ -143,7 +157,10 @@ def download_file(filename, data_dir, mirrors, md5, timeout=60):
             return os.path.join(data_dir, filename)
         except Exception as e:  # network errors and bad checksums alike: try the next mirror
             errors.append(f'{url}: {e}')
-    raise DataError(f'{os.path.join(data_dir, filename)}: missing, and download failed: ' + '; '.join(errors))
+    if created and not any(files for _, _, files in os.walk(created)):
+        shutil.rmtree(created)
+    raise DataError(f'{os.path.join(data_dir, filename)}: missing, and download failed: ' + '; '.join(errors)
+                    + ' (offline? pass --data-dir with a folder holding the four IDX files)')
 
 
 def load_dataset(name='mnist', data_dir=None, download=True):
@@ -157,7 +174,6 @@ def load_dataset(name='mnist', data_dir=None, download=True):
         if path is None:
             if not download:
                 raise DataError(f'{os.path.join(data_dir, stem)}[.gz]: file not found')
-            os.makedirs(data_dir, exist_ok=True)
             path = download_file(stem + '.gz', data_dir, MIRRORS[name], CHECKSUMS[name][stem + '.gz'])
         arrays[key] = read_idx(path, expect_ndim=3 if key.endswith('images') else 1)
     for split in ('train', 'test'):

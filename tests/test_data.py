@@ -128,8 +128,18 @@ def test_download_checksum_mismatch_leaves_nothing(tmp_path, mirror, monkeypatch
     target = tmp_path / 'data'
     with pytest.raises(DataError, match=r'train-images-idx3-ubyte.gz: missing, and download failed: .*checksum mismatch'):
         load_dataset('mnist', str(target))
-    assert not os.path.exists(target / 'train-images-idx3-ubyte.gz')
-    assert not [f for f in os.listdir(target) if f.endswith('.tmp')]
+    assert not os.path.exists(target)  # nothing left behind, not even the directory it made
+
+
+def test_failed_download_keeps_a_directory_that_already_existed(tmp_path, mirror, monkeypatch):
+    _, url = mirror
+    monkeypatch.setitem(data.CHECKSUMS, 'mnist', {n: '0' * 32 for n in data.CHECKSUMS['mnist']})
+    monkeypatch.setitem(data.MIRRORS, 'mnist', [url])
+    target = tmp_path / 'mine'
+    target.mkdir()
+    with pytest.raises(DataError, match=r'checksum mismatch.*pass --data-dir'):
+        load_dataset('mnist', str(target))
+    assert target.is_dir() and os.listdir(target) == []  # the user's folder stays, and stays clean
 
 
 def test_real_data_is_valid(real_data):
