@@ -51,7 +51,8 @@ def main():
     p.add_argument('--idlg-iterations', type=int, default=300)
     p.add_argument('--idlg-images', type=int, default=3,
                    help='images plain iDLG attacks (it is slow); its per-image time is scaled to --images')
-    p.add_argument('--curve-iterations', type=int, default=300, help='Adam steps for batch sizes > 1')
+    p.add_argument('--curve-iterations', type=int, default=None,
+                   help=f'Adam steps for batch sizes > 1 (default: the attack\'s, {gi.BATCH_STEPS})')
     p.add_argument('--batch-sizes', default='1,2,4,8')
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args()

@@ -56,11 +56,23 @@ def test_default_reconstruction_beats_gray_by_far_on_untrained_model():
     model = CNN()
     x, y = tiny_batch(2)
     grads = gi.client_gradients(model, x, y, 1, dropout=True, seed=1)
-    recon, labels, failed = gi.invert(model, grads, 'default', 1, iterations=200, progress=False)
+    recon, labels, failed = gi.invert(model, grads, 'default', 1, progress=False)  # the default steps
     assert torch.equal(labels, y) and not failed.any()
     gray = psnr(torch.full_like(x, 0.5), x)
     assert torch.all(psnr(recon, x) > gray + 10), (psnr(recon, x), gray)
     assert model.training and all(p.requires_grad for p in model.parameters())  # model left as found
+
+
+def test_narrowing_to_the_chosen_starts_keeps_their_optimiser_state():
+    # rows are independent (a loss per row, Adam elementwise), so dropping rows midway must leave the
+    # kept ones exactly where they would be had they run alone, moments and schedule included
+    torch.manual_seed(0)
+    x0 = torch.rand(6, 1, 28, 28)
+    loss = lambda x: (x - 0.3).pow(2).flatten(1).sum(1) + (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).sum(1)  # noqa: E731
+    rows = torch.tensor([4, 1])
+    narrowed, diverged = gi.descend(x0.clone().requires_grad_(True), loss, 20, 0.05, narrow=(7, lambda x: rows))
+    alone, _ = gi.descend(x0[rows].clone().requires_grad_(True), loss, 20, 0.05)
+    assert torch.equal(narrowed, alone) and diverged.shape == (2,) and not diverged.any()
 
 
 def test_divergence_is_flagged_not_passed_off():

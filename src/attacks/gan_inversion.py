@@ -143,17 +143,20 @@ def train_gan(images, seed, steps, batch_size=64, lr=2e-4, precision='fp32', dev
         z = torch.randn(batch_size, Z_DIM, generator=gen).to(device)
         with autocast(device, precision):
             fake = G(z)
-            d_real, d_fake = D(real).float(), D(fake.detach()).float()
+            # real and fake in one pass: D has no batch norm, so this is exactly the two separate passes
+            d_real, d_fake = D(torch.cat([real, fake.detach()])).float().split(batch_size)
             # softplus(-x) = -log sigmoid(x): the GAN's binary cross-entropy on logits
             d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
         opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         opt_d.step()
+        D.requires_grad_(False)  # the generator's step needs gradients through D, not for its weights
         with autocast(device, precision):
             g_loss = F.softplus(-D(fake).float()).mean()  # non-saturating generator loss
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
+        D.requires_grad_(True)
         sums += [d_loss.item(), g_loss.item(), (d_real > 0).float().mean().item(), (d_fake < 0).float().mean().item()]
         count += 1
         if step % log_every == 0 or step == steps:

@@ -203,7 +203,8 @@ def run(target, args, out_dir):
         'overall': overall,
         'per_class': per_class,
         'eval_classifier': {k: eval_info[k] for k in ('test_accuracy', 'dataset', 'num_train', 'num_test',
-                                                      'seed', 'from_cache', 'cache_path', 'hparams')},
+                                                      'seed', 'from_cache', 'cache_path', 'hparams',
+                                                      'feature_precision')},
         'threat_model': {
             'attacker': 'honest-but-curious server',
             'knows': 'white-box final global model (weights, architecture), the number of classes, '
