@@ -59,15 +59,18 @@ def gan_step_speed(images, steps=30):
             batch = real[(i % 8) * 64:(i % 8 + 1) * 64]
             with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 fake = G(torch.randn(64, gi.Z_DIM))
-                d_loss = F.softplus(-D(batch).float()).mean() + F.softplus(D(fake.detach()).float()).mean()
+                d_real, d_fake = D(torch.cat([batch, fake.detach()])).float().split(64)
+                d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
             opt_d.zero_grad()
             d_loss.backward()
             opt_d.step()
+            D.requires_grad_(False)
             with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
                 g_loss = F.softplus(-D(fake).float()).mean()
             opt_g.zero_grad()
             g_loss.backward()
             opt_g.step()
+            D.requires_grad_(True)
         for i in range(3):
             step(i)
         _, seconds = timed(lambda: [step(i) for i in range(steps)])
