@@ -63,6 +63,25 @@ def test_report_embeds_the_figures_and_the_numbers(attacked):
     assert 'What leaked' in html
 
 
+def test_fedavg_rounds_attack_scores_every_update_against_its_baselines(attacked):
+    import torch
+    from src.attacks.target import load_target
+    from src.metrics import psnr
+    result = json.loads((attacked / 'metrics.json').read_text())['gradient_inversion']['fedavg_rounds']
+    rounds, k = result['rounds'], result['dummies_per_update']
+    target = load_target(str(attacked.parent / 'run' / 'global_model.pth'), device='cpu')
+    prior = target.test_x.mean(0, keepdim=True)
+    assert [r['round'] for r in rounds] == list(range(1, target.config['num_rounds'] + 1))
+    for r in rounds:
+        assert [c['client'] for c in r['clients']] == list(range(target.config['num_clients']))
+        for c in r['clients']:
+            real = target.train_x[torch.as_tensor(target.client_indices[c['client']])]
+            assert c['black_image_psnr_max'] == pytest.approx(psnr(torch.zeros_like(real), real).max().item())
+            nearest = real[(prior - real).pow(2).flatten(1).mean(1).topk(k, largest=False).indices]
+            assert c['mean_image_psnr_mean'] == pytest.approx(psnr(prior.expand_as(nearest), nearest).mean().item())
+            assert not c['failed'] and np.isfinite(c['psnr_mean']) and c['psnr_mean'] <= c['psnr_max']
+
+
 def strip_volatile(obj):
     """Metrics without timings and cache state, which legitimately differ between runs."""
     if isinstance(obj, dict):

@@ -661,8 +661,8 @@ def attack_rounds(target, dummies, steps, seed, local_steps=None, progress=True)
     so that the simulated update points the way the recorded one does (cosine + TV), all clients of
     a round as one batch. Dummy labels come from the update's last-layer bias (LLG-style counts).
     Leakage is each dummy's PSNR to the client's real image it resembles most (optimal assignment,
-    distinct images), next to the same score for the public mean image (a guess using no update).
-    With secure aggregation the record holds only the round's sum: it is attacked as one update
+    distinct images), next to two guesses that use no update: the public mean image, and a black
+    image (the best dummy's score is only meaningful above that one's). With secure aggregation the record holds only the round's sum: it is attacked as one update
     scored against all clients' images.
     """
     from scipy.optimize import linear_sum_assignment
@@ -692,14 +692,16 @@ def attack_rounds(target, dummies, steps, seed, local_steps=None, progress=True)
             p = psnr(rec[r], real[c])
             base = psnr(prior.expand(dummies, -1, -1, -1), real[(prior - real).pow(2).flatten(1).mean(1)
                                                                 .topk(dummies, largest=False).indices])
+            # what the best dummy's score means: a black image is this close to the client's sparsest digit
+            blank = psnr(torch.zeros_like(real), real).max()
             row['clients'].append({'client': u['client'], 'client_images': len(idx), 'failed': bool(failed[j]),
                                    'psnr_mean': p.mean().item(), 'psnr_max': p.max().item(),
-                                   'mean_image_psnr_mean': base.mean().item(),
+                                   'mean_image_psnr_mean': base.mean().item(), 'black_image_psnr_max': blank.item(),
                                    'dummy_labels': labels[j].tolist()})
             if j == 0:
                 shown.append((rd['round'], rec[r][p.argmax()].cpu().numpy(), real[c][p.argmax()].cpu().numpy(),
                               p.max().item()))
-        for key in ('psnr_mean', 'psnr_max', 'mean_image_psnr_mean'):
+        for key in ('psnr_mean', 'psnr_max', 'mean_image_psnr_mean', 'black_image_psnr_max'):
             row[key] = float(np.mean([c[key] for c in row['clients']]))
         rounds.append(row)
     return {'method': (f'simulated local training (Geiping et al. 2020): {dummies} dummy images per update, '
@@ -723,6 +725,7 @@ def plot_rounds(path, result, shown):
     ax.plot(x, [r['psnr_mean'] for r in rounds], 'o-', label='reconstruction, mean over dummies')
     ax.plot(x, [r['psnr_max'] for r in rounds], 's-', label='reconstruction, best dummy (mean over clients)')
     ax.plot(x, [r['mean_image_psnr_mean'] for r in rounds], 'k--', label='public mean image (no attack)')
+    ax.plot(x, [r['black_image_psnr_max'] for r in rounds], 'k:', label='black image, nearest client image (no attack)')
     ax.set_xlabel('FedAvg round')
     ax.set_ylabel('PSNR to nearest client image (dB)')
     ax.set_title('leakage from recorded FedAvg updates, per round', fontsize=9)
