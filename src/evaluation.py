@@ -88,8 +88,9 @@ def predict(model, images, batch_size=1000):
 @torch.no_grad()
 def features(model, images, batch_size=1000):
     """Penultimate features (N, 256) in fp32, computed in bf16 channels-last where the hardware runs bf16
-    natively: 3.4x faster over the 60k private images on this CPU. An image's features do not depend
-    on what else is in its batch (checked in the tests), so an exact copy still lies at distance 0."""
+    natively: 3.4x faster over the 60k private images on this CPU. An image's features barely depend
+    on what else is in its batch (exactly not at all in bf16 here; tested: an exact copy of a private
+    image stays within 1e-4 of it in feature space)."""
     model.eval()
     device = images.device
     with autocast(device, feature_precision(device)):
