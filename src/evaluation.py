@@ -21,7 +21,7 @@ from tqdm import tqdm
 from src.client import autocast
 from src.data import NUM_CLASSES, Dataset, to_tensor
 from src.model import MEAN, STD
-from src.utils import UserError, derive_seed, load_torch, resolve_precision, save_torch, state_digest
+from src.utils import UserError, derive_seed, load_cached, resolve_precision, save_torch, state_digest
 
 # AdamW with a one-cycle schedule and random 2-pixel shifts.
 HPARAMS = {'arch': 'evalnet-v1', 'batch_size': 128, 'lr': 3e-3, 'weight_decay': 5e-4, 'max_shift': 2}
@@ -155,17 +155,17 @@ def load_or_train_eval_classifier(dataset: Dataset, seed, cache_dir='cache', dev
     if loaded is not None:  # both model-inversion attacks of a run score with one model object, so the
         return loaded[0], dict(loaded[1], from_cache=True)  # private features it remembers are computed once
 
-    model = EvalClassifier()
-    if os.path.exists(path):
-        try:
-            saved = load_torch(path, 'cached evaluation classifier')
-            state, info = saved['state_dict'], saved['info']
-            if state_digest(state) != info['weights_sha256'] or info['data_sha256'] != fingerprint:
-                raise UserError('weights do not match their recorded digest')
-            model.load_state_dict(state)
-            return _remember(path, device, model.to(device).eval(), dict(info, cache_path=path, from_cache=True))
-        except (UserError, KeyError, TypeError, RuntimeError) as e:
-            tqdm.write(f'note: ignoring corrupt evaluation-classifier cache {path} ({e}); retraining')
+    def restore(saved):
+        state, info = saved['state_dict'], saved['info']
+        if state_digest(state) != info['weights_sha256'] or info['data_sha256'] != fingerprint:
+            raise UserError('weights do not match their recorded digest')
+        model = EvalClassifier()
+        model.load_state_dict(state)
+        return _remember(path, device, model.to(device).eval(), dict(info, cache_path=path, from_cache=True))
+
+    cached = load_cached(path, 'evaluation-classifier', restore)
+    if cached is not None:
+        return cached
 
     t0 = time.perf_counter()
     trained, precision = train_eval_classifier(dataset, seed, device, epochs)
@@ -181,6 +181,7 @@ def load_or_train_eval_classifier(dataset: Dataset, seed, cache_dir='cache', dev
     save_torch({'state_dict': state, 'info': info}, path)
     tqdm.write(f'evaluation classifier for {dataset.name}: test accuracy {test_accuracy:.4f} '
                f'({train_seconds:.0f} s); cached at {path}')
+    model = EvalClassifier()
     model.load_state_dict(state)
     return _remember(path, device, model.to(device).eval(), dict(info, cache_path=path, from_cache=False))
 

@@ -7,6 +7,7 @@ import shutil
 import tempfile
 
 import torch
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -87,6 +88,21 @@ def load_torch(path, what='file'):
     except Exception as e:  # pickle errors, zip errors, refused globals
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f'cannot load {what} {path}: {first_line[:200]}') from None
+
+
+def load_cached(path, what, restore):
+    """restore(saved) for the cache file at `path`, or None when there is none or it is not to be trusted.
+
+    restore raises UserError (or fails on a missing key or a wrong shape) for a file that loads but
+    does not check out; such a file, like one that does not load, is noted and then retrained over.
+    """
+    if not os.path.exists(path):
+        return None
+    try:
+        return restore(load_torch(path, f'cached {what}'))
+    except (UserError, KeyError, TypeError, RuntimeError) as e:
+        tqdm.write(f'note: ignoring corrupt {what} cache {path} ({e}); retraining')
+        return None
 
 
 def sha256_of_arrays(arrays):

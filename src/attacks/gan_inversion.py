@@ -32,7 +32,7 @@ from tqdm import tqdm
 from src.client import autocast
 from src.data import CHECKSUMS, NUM_CLASSES, load_dataset, to_tensor
 from src.plots import save_image_grid
-from src.utils import UserError, derive_seed, load_torch, resolve_precision, save_torch, state_digest
+from src.utils import UserError, derive_seed, load_cached, resolve_precision, save_torch, state_digest
 
 Z_DIM = 100
 ARCH = 'dcgan28-v2'  # part of the cache key: change it when the networks change
@@ -183,20 +183,20 @@ def load_or_train_gan(images, seed, steps, batch_size=64, lr=2e-4, precision='au
     precision = resolve_precision(precision, device)
     key, digest = gan_cache_key(images, seed, steps, batch_size, lr, precision)
     path = os.path.join(cache_dir, f'gmi_gan_{digest}.pt')
-    G, D = Generator(), Discriminator()
-    if os.path.exists(path):
-        try:
-            saved = load_torch(path, 'cached GAN')
-            if saved['key'] != key:
-                raise UserError('it was trained for other data or settings')
-            if state_digest(saved['generator'], saved['discriminator']) != saved['weights_sha256']:
-                raise UserError('weights do not match their recorded digest')
-            G.load_state_dict(saved['generator'])
-            D.load_state_dict(saved['discriminator'])
-            info = {k: saved[k] for k in ('train_seconds', 'history', 'precision')}
-            return G.to(device).eval(), D.to(device).eval(), dict(info, cache_path=path, from_cache=True)
-        except (UserError, KeyError, TypeError, RuntimeError) as e:
-            tqdm.write(f'note: ignoring corrupt GAN cache {path} ({e}); retraining')
+    def restore(saved):
+        if saved['key'] != key:
+            raise UserError('it was trained for other data or settings')
+        if state_digest(saved['generator'], saved['discriminator']) != saved['weights_sha256']:
+            raise UserError('weights do not match their recorded digest')
+        G, D = Generator(), Discriminator()
+        G.load_state_dict(saved['generator'])
+        D.load_state_dict(saved['discriminator'])
+        info = {k: saved[k] for k in ('train_seconds', 'history', 'precision')}
+        return G.to(device).eval(), D.to(device).eval(), dict(info, cache_path=path, from_cache=True)
+
+    cached = load_cached(path, 'GAN', restore)
+    if cached is not None:
+        return cached
 
     t0 = time.perf_counter()
     G, D, history = train_gan(images, seed, steps, batch_size, lr, precision, device, progress)
