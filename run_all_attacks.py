@@ -5,7 +5,8 @@
 Writes to --output-dir (default attack_results/): gradient_inversion_idlg.png,
 model_inversion_all.png, gan_inversion_all.png, gan_samples.png, metrics.json,
 reconstructions.npz and report.html. The folder is replaced whole at the end, so a crash
-never leaves old and new results mixed. Each attack's own flags are listed under its heading.
+never leaves old and new results mixed; only a new or empty folder, or one an earlier run of this
+script wrote, is ever replaced (anything else is refused before the work starts). Each attack's own flags are listed under its heading.
 """
 import argparse
 import os
@@ -13,6 +14,8 @@ import platform
 import sys
 
 from src.attacks import runner
+
+TOOL = 'run_all_attacks'  # the owner recorded in the results folder's marker
 
 
 def parse_args(argv=None):
@@ -31,11 +34,13 @@ def main(argv=None):
 
     from src.attacks.target import load_target
     from src.report import plain_reading, write_report
-    from src.utils import UserError, atomic_dir, atomic_path, save_json
+    from src.utils import UserError, atomic_dir, atomic_path, check_output_dir, save_json
 
     try:
+        runner.check_args(args)
+        check_output_dir(args.output_dir, TOOL, replace=True)  # before any work: never a user's folder
         target = load_target(args.model, args.history, args.data_dir, args.device)
-        with atomic_dir(args.output_dir) as staging:
+        with atomic_dir(args.output_dir, TOOL) as staging:
             attack_metrics, arrays = runner.run_attacks(target, args, staging, args.attacks)
             results = {
                 'model': os.path.abspath(args.model),

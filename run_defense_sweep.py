@@ -3,7 +3,7 @@
     python run_defense_sweep.py [--grid quick|full] [--config quick] [--data-dir DIR] [--set pruning=0.5,0.1]
 
 Trains once per defense setting (plus once without defense), runs the attacks on each result,
-and writes defense_sweep.json and defense_tradeoff.png to --output-dir. Interrupted sweeps
+and writes defense_sweep.json and defense_tradeoff.png to --output-dir (default defense_results/). Interrupted sweeps
 resume at the first unfinished setting (each finished one is kept in its own folder).
 """
 import argparse
@@ -23,6 +23,7 @@ def parse_args(argv=None):
     p.add_argument('--data-dir')
     p.add_argument('--distribution', dest='data_distribution', choices=['iid', 'non_iid', 'shards', 'dirichlet'])
     runner.add_arguments(p)
+    p.set_defaults(output_dir='defense_results')
     return runner.parse_args(p, argv)
 
 
@@ -41,6 +42,7 @@ def main(argv=None):
     cfg = config.resolve(args.config, {'dataset': args.dataset, 'data_dir': args.data_dir, 'seed': args.seed,
                                        'data_distribution': args.data_distribution, 'device': args.device})
     try:
+        runner.check_args(args)
         sweep(cfg, args, grid, args.attacks, args.output_dir)
     except UserError as e:
         sys.exit(f'error: {e}')

@@ -68,16 +68,16 @@ def to_tensor(images, device='cpu'):
     return torch.from_numpy(np.asarray(images)).to(device).unsqueeze(1).float().div_(255)
 
 
-def _read_exact(f, n, path, chunk=1 << 24):
-    """Read exactly n bytes in chunks, so memory follows the bytes really there, not a header's claim."""
-    parts, got = [], 0
-    while got < n:
-        part = f.read(min(chunk, n - got))
+def _read_exact(f, n, path, chunk=1 << 20):
+    """Read exactly n bytes in chunks into one growing buffer: memory follows the bytes really there, not
+    a header's claim, and each byte is held once (a list of chunks joined at the end would hold it twice)."""
+    data = bytearray()
+    while len(data) < n:
+        part = f.read(min(chunk, n - len(data)))
         if not part:
-            raise DataError(f'{path}: truncated file (expected {n} bytes of data, got {got})')
-        parts.append(part)
-        got += len(part)
-    return b''.join(parts)
+            raise DataError(f'{path}: truncated file (expected {n} bytes of data, got {len(data)})')
+        data += part
+    return data
 
 
 def read_idx(path, expect_ndim):
@@ -109,7 +109,7 @@ def read_idx(path, expect_ndim):
         raise DataError(f'{path}: corrupt or truncated gzip ({e})') from None
     except OSError as e:
         raise DataError(f'{path}: cannot read ({e})') from None
-    return np.frombuffer(bytearray(data), dtype=np.uint8).reshape(tuple(dims))  # writable, for torch
+    return np.frombuffer(data, dtype=np.uint8).reshape(tuple(dims))  # a bytearray: writable, for torch
 
 
 def find_file(data_dir, stem):
@@ -132,7 +132,7 @@ def _first_missing_dir(path):
     """The outermost directory of `path` that does not exist yet (None if it all exists)."""
     missing = None
     path = os.path.abspath(path)
-    while not os.path.exists(path):
+    while not os.path.lexists(path):
         missing, path = path, os.path.dirname(path)
     return missing
 
@@ -168,6 +168,9 @@ def load_dataset(name='mnist', data_dir=None, download=True):
     if name not in CHECKSUMS:
         raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(CHECKSUMS)}")
     data_dir = data_dir or os.path.join('data', name)
+    if os.path.lexists(data_dir) and not os.path.isdir(data_dir):
+        kind = 'a broken or looping link' if os.path.islink(data_dir) else 'not a folder'
+        raise DataError(f'{data_dir}: {kind}; --data-dir must name a folder holding the four IDX files')
     arrays = {}
     for key, stem in FILES.items():
         path = find_file(data_dir, stem)

@@ -17,7 +17,7 @@ from tqdm import tqdm  # noqa: E402
 from src.attacks.runner import run_attacks  # noqa: E402
 from src.attacks.target import load_target  # noqa: E402
 from src.federated import train  # noqa: E402
-from src.utils import atomic_dir, atomic_path, save_json  # noqa: E402
+from src.utils import atomic_dir, atomic_path, check_output_dir, save_json  # noqa: E402
 
 # (defense, the setting it varies, strengths from weak to strong); 'none' is the shared baseline.
 GRIDS = {
@@ -76,7 +76,7 @@ def settings(cfg):
 
 
 def run_point(base_cfg, overrides, attack_args, attacks, folder, log):
-    with atomic_dir(folder) as staging:
+    with atomic_dir(folder, 'defense_sweep point') as staging:
         cfg = dict(base_cfg, **overrides, output_dir=staging)
         history = train(cfg, log=log)
         target = load_target(os.path.join(staging, 'global_model.pth'), device=cfg['device'])
@@ -88,12 +88,13 @@ def run_point(base_cfg, overrides, attack_args, attacks, folder, log):
     return point
 
 
-def sweep(base_cfg, attack_args, grid, attacks=('gradient', 'model', 'gan'), out_dir='attack_results',
+def sweep(base_cfg, attack_args, grid, attacks=('gradient', 'model', 'gan'), out_dir='defense_results',
           log=tqdm.write):
     """Run (or resume) the sweep over `grid` (a GRIDS value); write defense_sweep.json and
     defense_tradeoff.png to out_dir. Points are kept in out_dir/defense_sweep/<point>/, named by
     their settings, so a changed grid reuses the points it shares with an earlier one."""
     started = time.perf_counter()
+    check_output_dir(out_dir, 'run_defense_sweep')
     sweep_dir = os.path.join(out_dir, 'defense_sweep')
     rows = []
     for name, defense, setting, value, overrides in tqdm(grid_points(grid), desc='defense sweep'):
@@ -101,9 +102,13 @@ def sweep(base_cfg, attack_args, grid, attacks=('gradient', 'model', 'gan'), out
         done = os.path.join(folder, 'point.json')
         point = None
         if os.path.isfile(done):
-            with open(done) as f:
-                point = json.load(f)
-            if point.get('config') == settings(dict(base_cfg, **overrides)) and point.get('attacks') == list(attacks):
+            try:
+                with open(done) as f:
+                    point = json.load(f)
+            except (OSError, ValueError):
+                point = {}  # unreadable: redo
+            same = settings(dict(base_cfg, **overrides)), list(attacks)
+            if isinstance(point, dict) and (point.get('config'), point.get('attacks')) == same:
                 log(f'{name}: done earlier, reusing')
             else:
                 point = None  # made with other settings: redo

@@ -17,12 +17,18 @@ from src.data import NUM_CLASSES, load_dataset, to_tensor
 from src.model import CNN
 from src.partition import DISTRIBUTIONS, partition
 from src.server import CuriousServer, evaluate, parse_capture_rounds
-from src.utils import UserError, derive_seed, load_torch, resolve_device, resolve_precision, save_json, save_torch, \
-    sha256_of_arrays
+from src.utils import UserError, check_finite, check_output_dir, check_seed, derive_seed, load_torch, resolve_device, \
+    resolve_precision, save_json, save_torch, sha256_of_arrays
+
+
+FLAGS = {'num_clients': '--clients', 'num_rounds': '--rounds', 'learning_rate': '--lr', 'dirichlet_alpha': '--alpha',
+         'data_distribution': '--distribution', 'dp_noise_multiplier': '--dp-noise', 'dp_max_grad_norm': '--dp-clip'}
 
 
 def validate(cfg):
     """Refuse impossible settings before any work starts, each with what to change."""
+    check_finite(cfg, {k: FLAGS.get(k, '--' + k.replace('_', '-')) for k in cfg})
+    check_seed(cfg['seed'])
     checks = [
         (cfg['num_clients'] >= 1, f"num_clients={cfg['num_clients']}: need at least 1 client (--clients)"),
         (cfg['num_rounds'] >= 1, f"num_rounds={cfg['num_rounds']}: need at least 1 round (--rounds)"),
@@ -63,10 +69,16 @@ def load_checkpoint(cfg):
     if not os.path.isfile(path):
         raise UserError(f'--resume: no {CHECKPOINT} in {cfg["output_dir"]} (nothing to resume; run without --resume)')
     ckpt = load_torch(path, 'checkpoint')
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('config'), dict):
+        raise UserError(f'--resume: {path} is not a checkpoint main.py wrote; delete it and run without --resume')
     differs = sorted(k for k in cfg if k not in RUN_ONLY and ckpt['config'].get(k) != cfg[k])
     if differs:
         raise UserError(f'--resume: {path} was made with different settings ('
                         + ', '.join(f"{k}={ckpt['config'].get(k)!r} not {cfg[k]!r}" for k in differs) + ')')
+    keys = ('round', 'global_state', 'rounds', 'captured', 'dp_history', 'wall_seconds')
+    if any(k not in ckpt for k in keys):
+        raise UserError(f'--resume: {path} is not a checkpoint main.py wrote (needs {", ".join(keys)}); '
+                        f'delete it and run without --resume')
     return ckpt
 
 
@@ -243,6 +255,7 @@ def train(cfg, log=tqdm.write, resume=False):
     so no RNG state needs saving and the resumed run equals an uninterrupted one.
     """
     validate(cfg)
+    check_output_dir(cfg['output_dir'], 'main.py')  # before any work: a bad folder fails now, not after a round
     if cfg.get('engine', 'builtin') == 'flower':
         if resume:
             raise UserError('--resume works with the built-in engine only (drop --resume or --engine flower)')

@@ -1,7 +1,9 @@
 """Small shared helpers: errors, atomic file writes, devices and seeds."""
 import contextlib
 import hashlib
+import io
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -41,23 +43,110 @@ def atomic_path(path):
             os.remove(tmp)
 
 
-@contextlib.contextmanager
-def atomic_dir(path):
-    """Yield a fresh staging folder beside `path`; on success swap it in for `path` whole.
+OUTPUT_MARKER = '.fl-privacy-output.json'  # written into every folder a tool replaces whole
 
-    A crash mid-run leaves the previous results untouched (plus a hidden staging folder),
-    never a mix of old and new files under `path`.
+
+def _read_marker(folder):
+    try:
+        with open(os.path.join(folder, OUTPUT_MARKER)) as f:
+            marker = json.load(f)
+        return marker if isinstance(marker, dict) and isinstance(marker.get('files'), list) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _probe_writable(folder, flag):
+    """Write a file in `folder` (or, if it does not exist yet, in its nearest existing parent, where it
+    would be created), so an unwritable output fails now, not after the work; nothing is left behind."""
+    where = folder
+    while not os.path.lexists(where):
+        where = os.path.dirname(where)
+    try:
+        fd, probe = tempfile.mkstemp(dir=where, prefix='.write-probe-')
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f'{flag} {folder}: cannot be written ({e.strerror or e})') from None
+
+
+def check_output_dir(path, tool, replace=False, flag='--output-dir'):
+    """Refuse, before any work starts, an output folder that `tool` must not write to.
+
+    Tools that write files into a folder (replace=False) refuse a path that is a file or lies under
+    one, cannot be written, or is a results folder another tool replaces whole. Tools that replace the
+    folder whole (replace=True) also refuse any folder that is neither empty nor one an earlier run of
+    the same tool created (its marker lists every file it wrote): a user's files are never deleted.
     """
     path = os.path.abspath(path)
+    if os.path.lexists(path) and not os.path.isdir(path):
+        raise UserError(f'{flag} {path}: is a file (or a broken link), not a folder; name a folder')
+    ancestor = os.path.dirname(path)
+    while not os.path.lexists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise UserError(f'{flag} {path}: lies under {ancestor}, which is a file, not a folder')
+    if os.path.isdir(path):
+        marker = _read_marker(path)
+        owner = marker.get('tool') if marker else None
+        if replace:
+            entries = sorted(os.listdir(path))
+            if entries and owner != tool:
+                raise UserError(f'{flag} {path}: holds files that {tool} did not write ({", ".join(entries[:3])}'
+                                f'{", ..." if len(entries) > 3 else ""}); the folder is replaced whole at the end '
+                                f'of a run, so name a new or empty folder')
+            foreign = sorted(set(entries) - {OUTPUT_MARKER} - set(marker['files'])) if marker else []
+            if foreign:
+                raise UserError(f'{flag} {path}: holds files that {tool} did not write ({", ".join(foreign[:3])}); '
+                                f'the folder is replaced whole at the end of a run: move them or name another folder')
+        elif owner is not None and owner != tool:
+            raise UserError(f'{flag} {path}: is a results folder of {owner}, which replaces it whole on its next run; '
+                            f'name another folder')
+    _probe_writable(os.path.dirname(path) if replace else path, flag)
+    return path
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_siblings(path):
+    """Staging and old-results folders that a killed run of this path left behind."""
+    parent, base = os.path.dirname(path), os.path.basename(path)
+    for name in os.listdir(parent):
+        for kind in ('staging', 'old'):
+            prefix = f'.{base}.{kind}-'
+            if name.startswith(prefix):
+                pid = name[len(prefix):].split('-')[0]
+                if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                    shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path, tool):
+    """Yield a fresh staging folder beside `path`; on success swap it in for `path` whole.
+
+    A crash mid-run leaves the previous results untouched, never a mix of old and new files under
+    `path`; its staging folder is removed by the next run. Only an empty folder or one that `tool`
+    created earlier is ever replaced (check_output_dir); the new one gets a marker listing its files.
+    """
+    path = check_output_dir(path, tool, replace=True)
     parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(path) + '.staging-')
+    _remove_stale_siblings(path)
+    staging = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(path)}.staging-{os.getpid()}-')
     os.chmod(staging, 0o777 & ~_umask())
     try:
         yield staging
+        save_json({'tool': tool, 'files': sorted(os.listdir(staging))}, os.path.join(staging, OUTPUT_MARKER))
+        check_output_dir(path, tool, replace=True)  # still ours (or gone) after the run
         old = None
         if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix='.' + os.path.basename(path) + '.old-')
+            old = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(path)}.old-{os.getpid()}-')
             os.rmdir(old)
             os.replace(path, old)
         os.replace(staging, path)
@@ -68,15 +157,45 @@ def atomic_dir(path):
             shutil.rmtree(staging, ignore_errors=True)
 
 
+def finite_json(obj, path=''):
+    """(obj with every non-finite float replaced by None, {dotted path: 'nan'|'inf'|'-inf'})."""
+    bad = {}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            out[k], b = finite_json(v, f'{path}.{k}' if path else str(k))
+            bad.update(b)
+        return out, bad
+    if isinstance(obj, (list, tuple)):
+        out = []
+        for i, v in enumerate(obj):
+            item, b = finite_json(v, f'{path}[{i}]')
+            out.append(item)
+            bad.update(b)
+        return out, bad
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None, {path: 'nan' if obj != obj else ('inf' if obj > 0 else '-inf')}
+    return obj, bad
+
+
 def save_json(obj, path):
+    """Strict JSON, written atomically: non-finite numbers become null, listed under 'non_finite'."""
+    obj, bad = finite_json(obj)
+    if bad and isinstance(obj, dict):
+        obj['non_finite'] = dict(bad, why='these values were NaN or infinite (a diverged model or attack); '
+                                          'written as null')
     with atomic_path(path) as tmp, open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
+        json.dump(obj, f, indent=2, allow_nan=False)
         f.write('\n')
 
 
 def save_torch(obj, path):
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save, atomically and byte-reproducibly: the archive's inner name is fixed ('archive'), not
+    derived from the temporary file's random name, so identical content gives identical files."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with atomic_path(path) as tmp, open(tmp, 'wb') as f:
+        f.write(buf.getbuffer())
 
 
 def load_torch(path, what='file'):
@@ -100,8 +219,9 @@ def load_cached(path, what, restore):
         return None
     try:
         return restore(load_torch(path, f'cached {what}'))
-    except (UserError, KeyError, TypeError, RuntimeError) as e:
-        tqdm.write(f'note: ignoring corrupt {what} cache {path} ({e}); retraining')
+    except (UserError, KeyError, TypeError, RuntimeError, AttributeError, ValueError) as e:
+        why = f'missing field {e}' if isinstance(e, KeyError) else str(e).strip().splitlines()[0][:200]
+        tqdm.write(f'note: ignoring corrupt {what} cache {path} ({why}); retraining')
         return None
 
 
@@ -158,3 +278,19 @@ def derive_seed(*parts):
     """A 63-bit seed from (seed, round, client, ...): independent of the order things run in."""
     digest = hashlib.sha256(repr(parts).encode()).digest()
     return int.from_bytes(digest[:8], 'little') >> 1
+
+
+MAX_SEED = 2 ** 63 - 1  # every RNG here (torch, numpy, derive_seed) accepts 0..MAX_SEED
+
+
+def check_seed(seed, flag='--seed'):
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise UserError(f'{flag} {seed}: must be an integer from 0 to 2**63-1')
+    return seed
+
+
+def check_finite(values, flags):
+    """Refuse NaN and infinite float settings, naming each one's flag: nothing can train on them."""
+    for key, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f'{flags.get(key, key)} {value}: must be a finite number')

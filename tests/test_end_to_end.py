@@ -94,11 +94,11 @@ def strip_volatile(obj):
 
 def test_rerun_replaces_the_folder_whole_and_is_deterministic(attacked, tmp_path):
     first = json.loads((attacked / 'metrics.json').read_text())['model_inversion']
-    (attacked / 'stale.txt').write_text('from an earlier run')
+    assert (attacked / 'gradient_inversion_idlg.png').exists()
     run_all_attacks.main(['--model', str(attacked.parent / 'run' / 'global_model.pth'), '--output-dir',
                           str(attacked), '--cache-dir', str(attacked.parent / 'cache'), '--attacks', 'model',
                           *TINY_ATTACKS])
-    assert not (attacked / 'stale.txt').exists()
+    assert not (attacked / 'gradient_inversion_idlg.png').exists()  # the earlier run's own file: replaced whole
     again = json.loads((attacked / 'metrics.json').read_text())
     assert 'gradient_inversion' not in again
     assert strip_volatile(again['model_inversion']) == strip_volatile(first)  # same seed, same numbers

@@ -666,8 +666,7 @@ def attack_rounds(target, dummies, steps, seed, local_steps=None, progress=True)
     scored against all clients' images.
     """
     from scipy.optimize import linear_sum_assignment
-    from src.attacks.target import load_captured_updates
-    record = load_captured_updates(target.captured_path)
+    record = target.captured
     meta = record['meta']
     local_steps = local_steps or int(meta.get('local_epochs') or 1)
     generator = torch.Generator().manual_seed(seed)
@@ -832,7 +831,7 @@ def run(target, args, out_dir):
                     f"{baseline['dataset_mean_psnr_mean']:.1f} dB, gray {baseline['gray_0.5_psnr_mean']:.1f} dB)"),
     }
     if args.gi_rounds:
-        if not os.path.exists(target.captured_path):
+        if target.captured is None:
             raise UserError(f'no recorded updates at {target.captured_path} (run main.py, or pass --no-gi-rounds)')
         t0 = time.perf_counter()
         out['fedavg_rounds'], shown = attack_rounds(target, args.gi_rounds_dummies, args.gi_rounds_steps, seed,

@@ -30,6 +30,13 @@ def parse_args(parser, argv=None):
     return args
 
 
+def check_args(args):
+    """Pre-flight for the shared and per-attack flags: a seed every RNG accepts, no NaN or infinite values."""
+    from src.utils import check_finite, check_seed
+    check_seed(args.seed)
+    check_finite(vars(args), {k: '--' + k.replace('_', '-') for k in vars(args)})
+
+
 def run_attacks(target, args, out_dir, names, log=print):
     """(metrics by key, arrays by 'key/name') for the attacks in `names`, in order."""
     results, arrays = {}, {}

@@ -9,6 +9,7 @@ import torch
 
 from src.data import Dataset, load_dataset, to_tensor
 from src.model import CNN, param_shapes
+from src.records import load_captured, load_history
 from src.utils import UserError, load_torch, resolve_device
 
 
@@ -24,6 +25,7 @@ class Target:
     client_indices: list       # one int64 array of train indices per client
     captured_path: str         # captured_updates.pt beside the model
     device: torch.device
+    captured: dict = None      # captured_updates.pt's content, checked at load time (None: no such file)
 
     @property
     def config(self):
@@ -49,29 +51,19 @@ def load_model(path, device='cpu'):
     return model.to(device).eval()
 
 
-def load_history(path):
-    if not os.path.isfile(path):
-        raise UserError(f'training history not found: {path} (run main.py first, or pass --history)')
-    try:
-        with open(path) as f:
-            history = json.load(f)
-        history['config'], history['partition']['indices']
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f'training history {path} is unreadable or incomplete ({e})') from None
-    return history
-
-
 def load_target(model_path='global_model.pth', history_path=None, data_dir=None, device='auto'):
     """Everything an attack needs, from the files main.py wrote (history defaults to the model's folder)."""
     device = resolve_device(device)
     folder = os.path.dirname(os.path.abspath(model_path))
     history = load_history(history_path or os.path.join(folder, 'training_history.json'))
     model = load_model(model_path, device)
+    captured_path = os.path.join(folder, 'captured_updates.pt')
     cfg = history['config']
     data = load_dataset(cfg['dataset'], data_dir or cfg['data_dir'])
     indices = [np.asarray(p, dtype=np.int64) for p in history['partition']['indices']]
     if sum(len(p) for p in indices) and max(int(p.max()) for p in indices if len(p)) >= len(data.train_labels):
-        raise UserError(f'training history {history_path} does not match the data in {data_dir or cfg["data_dir"]}')
+        raise UserError(f'training history {history_path or folder}: partition.indices reach beyond the '
+                        f'{len(data.train_labels)} training images in {data_dir or cfg["data_dir"]} (other data?)')
     return Target(
         model=model, history=history, data=data,
         train_x=to_tensor(data.train_images, device),
@@ -79,14 +71,12 @@ def load_target(model_path='global_model.pth', history_path=None, data_dir=None,
         test_x=to_tensor(data.test_images, device),
         test_y=torch.from_numpy(data.test_labels.astype(np.int64)).to(device),
         client_indices=indices,
-        captured_path=os.path.join(folder, 'captured_updates.pt'),
+        captured_path=captured_path,
+        captured=load_captured_updates(captured_path) if os.path.exists(captured_path) else None,
         device=device,
     )
 
 
 def load_captured_updates(path):
-    """captured_updates.pt as main.py wrote it: {'format', 'meta', 'rounds': [...]}."""
-    record = load_torch(path, 'captured updates')
-    if not isinstance(record, dict) or record.get('format') != 1 or 'rounds' not in record:
-        raise UserError(f'captured updates {path}: not a record written by main.py')
-    return record
+    """captured_updates.pt as main.py wrote it, checked against the CNN's parameter shapes."""
+    return load_captured(path, param_shapes(CNN()))
