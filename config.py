@@ -28,7 +28,7 @@ CONFIG = {
     'update_clip': 0.0,             # clip each client's update to this L2 norm; 0 = off
     'update_noise': 0.0,            # Gaussian noise on the clipped update, std = update_noise * update_clip
     'keep_fraction': 1.0,           # prune each update tensor to this top fraction by magnitude; 1 = off
-    'secure_aggregation': False,    # the server receives only the sum of each round's updates
+    'secure_aggregation': False,    # the server learns only the round's aggregate (weighted mean) update
     # what the honest-but-curious server keeps: 'all', 'none', or round numbers '1,5,10'
     'capture_rounds': 'all',
     'output_dir': '.',

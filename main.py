@@ -38,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument('--update-noise', type=float, help='Gaussian noise on the clipped update, in units of --update-clip')
     p.add_argument('--keep-fraction', type=float, help='prune each update to this top fraction by magnitude')
     p.add_argument('--secure-aggregation', action='store_const', const=True,
-                   help="the server receives only each round's sum of updates")
+                   help="the server learns only each round's aggregate (sample-weighted mean) update")
     p.add_argument('--output-dir')
     p.add_argument('--engine', choices=['builtin', 'flower'],
                    help="'builtin' (default) or 'flower': the same experiment on Flower's simulation engine "
@@ -52,9 +52,18 @@ def parse_args(argv=None):
 
 def main(argv=None):
     cfg, resume = parse_args(argv)
-    from src.federated import train  # import torch only after --help has been answered
     try:
-        train(cfg, resume=resume)
+        if cfg['engine'] == 'flower':
+            if resume:
+                raise UserError('--resume works with the built-in engine only (drop --resume or --engine flower)')
+            try:  # Flower is optional: import it only when asked for
+                from src.flower_engine import train_flower
+            except ImportError as e:
+                raise UserError(f'--engine flower needs Flower: pip install -r requirements-flower.txt ({e})') from None
+            train_flower(cfg)
+        else:
+            from src.federated import train  # import torch only after --help has been answered
+            train(cfg, resume=resume)
     except UserError as e:
         sys.exit(f'error: {e}')
 

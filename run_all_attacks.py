@@ -4,13 +4,12 @@
 
 Writes to --output-dir (default attack_results/): gradient_inversion_idlg.png,
 model_inversion_all.png, gan_inversion_all.png, gan_samples.png, metrics.json,
-reconstructions.npz and report.html. The folder is replaced whole at the end, so a crash
-never leaves old and new results mixed; only a new or empty folder, or one an earlier run of this
-script wrote, is ever replaced (anything else is refused before the work starts). Each attack's own flags are listed under its heading.
+metrics.schema.json, reconstructions.npz and report.html. The folder is replaced whole at the end,
+so a crash never leaves old and new results mixed; only a new or empty folder, or one an earlier
+run of this script wrote, is ever replaced (anything else is refused before the work starts).
+Each attack's own flags are listed under its heading.
 """
 import argparse
-import os
-import platform
 import sys
 
 from src.attacks import runner
@@ -29,35 +28,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import numpy as np
-    import torch
-
-    from src.attacks.target import load_target
-    from src.report import plain_reading, write_report
-    from src.utils import UserError, atomic_dir, atomic_path, check_output_dir, save_json
+    from src.attacks.target import load_attack_inputs
+    from src.utils import UserError, atomic_dir, check_output_dir
 
     try:
         runner.check_args(args)
         check_output_dir(args.output_dir, TOOL, replace=True)  # before any work: never a user's folder
-        target = load_target(args.model, args.history, args.data_dir, args.device)
+        view, private = load_attack_inputs(args.model, args.history, args.data_dir, args.device, args.cache_dir)
         with atomic_dir(args.output_dir, TOOL) as staging:
-            attack_metrics, arrays = runner.run_attacks(target, args, staging, args.attacks)
-            results = {
-                'model': os.path.abspath(args.model),
-                'training_config': target.config,
-                'training_final_test_accuracy': target.history['final_test_accuracy'],
-                'training_defenses': target.history.get('defenses', []),
-                'seed': args.seed,
-                'attack_settings': {k: v for k, v in vars(args).items() if k not in ('model', 'history')},
-                'versions': {'python': platform.python_version(), 'torch': torch.__version__,
-                             'numpy': np.__version__},
-                **attack_metrics,
-            }
-            save_json(results, os.path.join(staging, 'metrics.json'))
-            with atomic_path(os.path.join(staging, 'reconstructions.npz')) as tmp, open(tmp, 'wb') as f:
-                np.savez_compressed(f, **arrays)
-            write_report(os.path.join(staging, 'report.html'), results, target.history, staging,
-                         plain_reading(results))
+            runner.write_results(view, private, args, staging, args.model)
         print(f'wrote figures, metrics.json, reconstructions.npz and report.html to {args.output_dir}')
     except UserError as e:
         sys.exit(f'error: {e}')

@@ -1,14 +1,8 @@
 """A client's local training: E epochs of plain SGD on its own data, starting from the global model."""
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
-
-def autocast(device, precision):
-    if precision == 'bf16':
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+from src.utils import autocast
 
 
 def client_update(model, images, labels, epochs, batch_size, lr, precision='fp32', generator=None,

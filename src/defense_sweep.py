@@ -4,6 +4,7 @@ result with all three attacks, and tabulate utility against leakage.
 Each grid point is written to its own folder (`<sweep>/<point>/`: the model, history, attack
 figures and point.json) atomically, so an interrupted sweep resumes at the first missing point.
 """
+import argparse
 import json
 import os
 import time
@@ -14,8 +15,8 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from src.attacks.runner import run_attacks  # noqa: E402
-from src.attacks.target import load_target  # noqa: E402
+from src.attacks.runner import get, write_results  # noqa: E402
+from src.attacks.target import load_attack_inputs  # noqa: E402
 from src.federated import train  # noqa: E402
 from src.utils import atomic_dir, atomic_path, check_output_dir, save_json  # noqa: E402
 
@@ -50,24 +51,15 @@ def grid_points(grid):
     return points
 
 
-def summarise(metrics):
-    """The few numbers the trade-off is judged by, from run_attacks' metrics."""
+def summarise(metrics, attacks):
+    """The numbers the trade-off is judged by: every headline number each attack declares,
+    as {'<metrics key>.<path>': value}."""
     out = {}
-    gi = metrics.get('gradient_inversion')
-    if gi:
-        main = gi['main']
-        out['gi_psnr_mean'] = main['psnr_mean']
-        out['gi_label_accuracy'] = main['label_accuracy']
-        out['gi_mean_image_psnr'] = gi['baselines']['dataset_mean_psnr_mean']
-        out['gi_stopped'] = main['psnr_mean'] <= out['gi_mean_image_psnr']
-    mi = metrics.get('model_inversion')
-    if mi:
-        out['mi_attack_accuracy'] = mi['overall']['best_restart']['attack_accuracy']
-        out['mi_attack_accuracy_all_restarts'] = mi['overall']['all_restarts']['attack_accuracy']
-    gmi = metrics.get('gan_inversion')
-    if gmi:
-        out['gmi_attack_accuracy'] = gmi['attack_accuracy']
-        out['gmi_attack_accuracy_all_restarts'] = gmi['attack_accuracy_all_restarts']
+    for name in attacks:
+        attack = get(name)
+        if attack.key in metrics:
+            for (path, _, _), (_, _, value) in zip(attack.headline, attack.headline_values(metrics[attack.key])):
+                out[f'{attack.key}.{path}'] = value
     return out
 
 
@@ -79,11 +71,13 @@ def run_point(base_cfg, overrides, attack_args, attacks, folder, log):
     with atomic_dir(folder, 'defense_sweep point') as staging:
         cfg = dict(base_cfg, **overrides, output_dir=staging)
         history = train(cfg, log=log)
-        target = load_target(os.path.join(staging, 'global_model.pth'), device=cfg['device'])
-        metrics, _ = run_attacks(target, attack_args, os.path.join(staging, 'attacks'), attacks, log=log)
-        point = {'config': settings(cfg), 'attacks': attacks, 'overrides': overrides, 'defenses': history['defenses'], 'privacy': history['privacy'],
-                 'test_accuracy': history['final_test_accuracy'], 'train_seconds': history['wall_seconds'],
-                 **summarise(metrics), 'metrics': metrics}
+        model_path = os.path.join(staging, 'global_model.pth')
+        view, private = load_attack_inputs(model_path, device=cfg['device'], cache_dir=attack_args.cache_dir)
+        attack_args = argparse.Namespace(**dict(vars(attack_args), attacks=attacks))
+        metrics = write_results(view, private, attack_args, os.path.join(staging, 'attacks'), model_path, log)
+        point = {'config': settings(cfg), 'attacks': attacks, 'overrides': overrides, 'defenses': history['defenses'],
+                 'privacy': history['privacy'], 'test_accuracy': history['final_test_accuracy'],
+                 'train_seconds': history['wall_seconds'], **summarise(metrics, attacks)}
         save_json(point, os.path.join(staging, 'point.json'))
     return point
 
@@ -115,37 +109,38 @@ def sweep(base_cfg, attack_args, grid, attacks=('gradient', 'model', 'gan'), out
         if point is None:
             log(f'== {name}')
             point = run_point(base_cfg, overrides, attack_args, list(attacks), folder, log)
-        row = {k: v for k, v in point.items() if k != 'metrics'}
-        rows.append(dict(row, point=name, defense=defense, setting=setting, strength=value))
+        rows.append(dict(point, point=name, defense=defense, setting=setting, strength=value))
     result = {'grid': [list(g) for g in grid], 'base_config': base_cfg, 'attacks': list(attacks), 'points': rows,
               'seconds_this_run': time.perf_counter() - started,
-              'stopped_means': 'gradient inversion is stopped when its mean PSNR is no better than the '
-                               'dataset-mean image'}
+              'columns': {f'{a.key}.{p}': label for a in map(get, attacks) for p, label, _ in a.headline}}
     save_json(result, os.path.join(out_dir, 'defense_sweep.json'))
-    plot_tradeoff(rows, os.path.join(out_dir, 'defense_tradeoff.png'))
+    plot_tradeoff(rows, os.path.join(out_dir, 'defense_tradeoff.png'), list(attacks))
     return result
 
 
-PANELS = [('test_accuracy', 'model test accuracy'), ('gi_psnr_mean', 'gradient inversion PSNR (dB)'),
-          ('mi_attack_accuracy', 'model inversion attack acc.'), ('gmi_attack_accuracy', 'GAN inversion attack acc.')]
-
-
-def plot_tradeoff(rows, path):
-    """One panel per quantity; a line per defense from no defense (level 0) to its strongest setting."""
+def plot_tradeoff(rows, path, attacks):
+    """Test accuracy, then each attack's first headline number: a line per defense from no defense
+    (level 0) to its strongest setting; an attack's no-attack baseline, where it declares one, dashed."""
     baseline = rows[0]
-    panels = [(k, t) for k, t in PANELS if k in baseline]
+    panels = [('test_accuracy', 'model test accuracy', None)]
+    for attack in map(get, attacks):
+        path, label, kind = attack.headline[0]
+        first = f'{attack.key}.{path}'
+        no_attack = [f'{attack.key}.{p}' for p, lab, k in attack.headline if lab.startswith('no attack') and k == kind]
+        panels.append((first, f'{attack.key}: {label}', no_attack[0] if no_attack else None))
+    panels = [p for p in panels if baseline.get(p[0]) is not None]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
     defenses = [d for d in dict.fromkeys(r['defense'] for r in rows) if d != 'none']
-    for ax, (key, title) in zip(axes[0], panels):
+    for ax, (key, title, no_attack) in zip(axes[0], panels):
         for defense in defenses:
             pts = [baseline] + [r for r in rows if r['defense'] == defense]
-            ax.plot(range(len(pts)), [p[key] for p in pts], marker='o',
+            ax.plot(range(len(pts)), [p.get(key) for p in pts], marker='o',
                     label=f"{defense} ({', '.join(str(p['strength']) for p in pts[1:])})")
-        if key == 'gi_psnr_mean':
-            ax.axhline(baseline['gi_mean_image_psnr'], color='gray', ls='--', label='dataset-mean image')
-        ax.set_title(title, fontsize=10)
+        if no_attack and baseline.get(no_attack) is not None:
+            ax.axhline(baseline[no_attack], color='gray', ls='--', label='no attack (baseline)')
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel('defense strength (0 = none)')
-        ax.set_xticks(range(1 + max(sum(r['defense'] == d for r in rows) for d in defenses)))
+        ax.set_xticks(range(1 + max([sum(r['defense'] == d for r in rows) for d in defenses] or [0])))
         ax.grid(alpha=.3)
     axes[0][-1].legend(fontsize=7, loc='best')
     fig.tight_layout()

@@ -256,14 +256,6 @@ def train(cfg, log=tqdm.write, resume=False):
     """
     validate(cfg)
     check_output_dir(cfg['output_dir'], 'main.py')  # before any work: a bad folder fails now, not after a round
-    if cfg.get('engine', 'builtin') == 'flower':
-        if resume:
-            raise UserError('--resume works with the built-in engine only (drop --resume or --engine flower)')
-        try:  # Flower is optional: import it only when asked for
-            from src.flower_engine import train_flower
-        except ImportError as e:
-            raise UserError(f'--engine flower needs Flower: pip install -r requirements-flower.txt ({e})') from None
-        return train_flower(cfg, log)
     ckpt = load_checkpoint(cfg) if resume else None
     started = time.perf_counter()
     data, parts, counts, unheld = load_partitions(cfg, log)

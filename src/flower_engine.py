@@ -2,7 +2,8 @@
 that runs the built-in engine's local training.
 
     python main.py --config standard --engine flower     # Flower's simulation engine (Ray), one machine
-    flwr run flower_app ...                               # a real deployment: see README
+    flwr run flower_app ...                               # a real deployment: see README (flower_app/fl_app.py
+                                                          # resolves the run config and calls run_server)
 
 Both sides reuse src.federated: the same data loading and partitioning (client c = node config
 'partition-id' c), model initialisation, local training with defenses and (seed, round, client) seeds,
@@ -27,11 +28,10 @@ from flwr.serverapp import Grid, ServerApp  # noqa: E402
 from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import config  # noqa: E402
 from src import federated as fed  # noqa: E402
 from src.model import CNN  # noqa: E402
 from src.server import evaluate  # noqa: E402
-from src.utils import UserError, resolve_device, resolve_precision  # noqa: E402
+from src.utils import check_output_dir, resolve_device, resolve_precision  # noqa: E402
 
 DATA_KEYS = ('dataset', 'data_dir', 'num_clients', 'data_distribution', 'dirichlet_alpha', 'seed')
 
@@ -138,6 +138,7 @@ def run_server(grid: Grid, cfg, log=tqdm.write, loaded=None, started=None):
     """The ServerApp's work: set up as the built-in engine does, run the strategy, write the same files."""
     started = started or time.perf_counter()
     fed.validate(cfg)
+    check_output_dir(cfg['output_dir'], 'main.py')
     data, parts, counts, unheld = loaded or fed.load_partitions(cfg, log)
     device = resolve_device(cfg['device'])
     precision = resolve_precision(cfg['precision'], device)
@@ -158,29 +159,6 @@ def run_server(grid: Grid, cfg, log=tqdm.write, loaded=None, started=None):
     return fed.write_results(cfg, strategy.global_state, server, strategy.rounds, strategy.dp_history, parts,
                              counts, unheld, device, precision, time.perf_counter() - started, log,
                              versions={'flwr': flwr.__version__})
-
-
-def config_from_run_config(run_config):
-    """A deployment's settings (flower_app/pyproject.toml, `flwr run --run-config`): preset, then the set values.
-
-    Keys are config.py's with '-' for '_'; "" leaves a setting to the preset / config.py.
-    """
-    settings = {k.replace('-', '_'): v for k, v in run_config.items() if v != ''}
-    preset = settings.pop('preset', None)
-    settings['engine'] = 'flower'
-    try:
-        return config.resolve(preset, settings)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-# `flwr run` loads this ServerApp (see flower_app/pyproject.toml)
-server_app = ServerApp()
-
-
-@server_app.main()
-def server_main(grid: Grid, context: Context) -> None:
-    run_server(grid, config_from_run_config(context.run_config))
 
 
 class _DropRunSimulationDeprecation(logging.Filter):

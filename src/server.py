@@ -48,9 +48,11 @@ class CuriousServer:
     update (new weights minus global) with what the server knows of it: client id, round,
     sample count and the training hyper-parameters the protocol announces.
 
-    With secure aggregation (simulated) the server receives only the round's sample-weighted
-    sum of updates and the total sample count, so that, and no individual update, is what it
-    keeps: record['rounds'][i]['aggregate'] instead of ['updates'].
+    With secure aggregation (simulated) the server learns only the round's aggregate: clients
+    scale their updates by their sample counts, the protocol reveals the sum of those and of the
+    counts, and the server divides, so it holds the sample-weighted MEAN update (what FedAvg needs)
+    and the total sample count and no individual update: record['rounds'][i]['aggregate'] instead
+    of ['updates'].
     """
 
     def __init__(self, capture_rounds, training_meta, secure_aggregation=False):

@@ -274,6 +274,13 @@ def resolve_precision(name, device):
     return name
 
 
+def autocast(device, precision):
+    """bf16 autocast for precision 'bf16', else nothing (fp32)."""
+    if precision == 'bf16':
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def derive_seed(*parts):
     """A 63-bit seed from (seed, round, client, ...): independent of the order things run in."""
     digest = hashlib.sha256(repr(parts).encode()).digest()

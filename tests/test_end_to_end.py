@@ -28,20 +28,32 @@ def attacked(tmp_path_factory):
     return out
 
 
-def test_every_file_is_written(attacked):
-    expected = {'gradient_inversion_idlg.png', 'gradient_inversion_rounds.png', 'model_inversion_all.png',
-                'gan_inversion_all.png', 'gan_samples.png', 'metrics.json', 'reconstructions.npz', 'report.html'}
-    assert expected <= set(os.listdir(attacked))
+def test_every_declared_figure_and_file_is_written(attacked):
+    from src.attacks.runner import all_attacks
+    declared = {name for attack in all_attacks() for name in attack.figures}
+    expected = declared | {'metrics.json', 'metrics.schema.json', 'reconstructions.npz', 'report.html',
+                           '.fl-privacy-output.json'}
+    assert set(os.listdir(attacked)) == expected  # nothing undeclared, nothing missing
     assert not [f for f in os.listdir(attacked.parent) if '.staging-' in f or '.old-' in f]
 
 
-def test_metrics_validate_against_the_schema(attacked):
-    with open(os.path.join(ROOT, 'src', 'metrics.schema.json')) as f:
-        schema = json.load(f)
+def test_metrics_validate_against_the_schema_the_attacks_declare(attacked):
+    from src.attacks.runner import all_attacks, metrics_schema
+    schema = json.loads((attacked / 'metrics.schema.json').read_text())
+    assert schema == metrics_schema()
     metrics = json.loads((attacked / 'metrics.json').read_text())
     jsonschema.validate(metrics, schema)
     with pytest.raises(jsonschema.ValidationError):  # the schema has teeth
         jsonschema.validate({k: v for k, v in metrics.items() if k != 'versions'}, schema)
+    for attack in all_attacks():  # every declared headline number is required
+        path = attack.headline[0][0].split('.')
+        broken = json.loads(json.dumps(metrics))
+        leaf = broken[attack.key]
+        for part in path[:-1]:
+            leaf = leaf[part]
+        del leaf[path[-1]]
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, schema)
 
 
 def test_reconstructions_hold_the_images_behind_the_figures(attacked):
@@ -52,30 +64,39 @@ def test_reconstructions_hold_the_images_behind_the_figures(attacked):
     assert gi and all(np.isfinite(arrays[k]).all() for k in gi if arrays[k].dtype.kind == 'f')
 
 
-def test_report_embeds_the_figures_and_the_numbers(attacked):
-    html = (attacked / 'report.html').read_text()
+def test_report_shows_what_each_attack_declares(attacked):
+    import html as html_lib
+    from src.attacks.runner import all_attacks
+    from src.report import format_value
+    page = (attacked / 'report.html').read_text()
     metrics = json.loads((attacked / 'metrics.json').read_text())
-    assert html.count('src="data:image/png;base64,') >= 5  # accuracy curve + the attack figures
-    for name in ('gradient_inversion_idlg.png', 'model_inversion_all.png', 'gan_inversion_all.png'):
-        assert f'alt="{name}"' in html
-    assert f"{metrics['gradient_inversion']['main']['psnr_mean']:.4g}" in html
-    assert f"{metrics['gan_inversion']['attack_accuracy']:.4g}" in html
-    assert 'What leaked' in html
+    figures = [name for attack in all_attacks() for name in attack.figures]
+    assert page.count('src="data:image/png;base64,') == 1 + len(figures)  # accuracy curve + every figure
+    for attack in all_attacks():
+        assert f'<h2>{html_lib.escape(attack.title)}</h2>' in page
+        for name in attack.figures:
+            assert f'alt="{name}"' in page
+        for label, kind, value in attack.headline_values(metrics[attack.key]):
+            assert value is not None, (attack.key, label)
+            cell = f'<td>{html_lib.escape(label)}</td><td><b>{html_lib.escape(format_value(value, kind))}</b></td>'
+            assert cell in page
+    reading = page.split('What leaked')[1].split('</div>')[0]
+    assert all(html_lib.escape(a.title) in reading for a in all_attacks())
 
 
 def test_fedavg_rounds_attack_scores_every_update_against_its_baselines(attacked):
     import torch
-    from src.attacks.target import load_target
+    from src.attacks.target import load_attack_inputs
     from src.metrics import psnr
     result = json.loads((attacked / 'metrics.json').read_text())['gradient_inversion']['fedavg_rounds']
     rounds, k = result['rounds'], result['dummies_per_update']
-    target = load_target(str(attacked.parent / 'run' / 'global_model.pth'), device='cpu')
-    prior = target.test_x.mean(0, keepdim=True)
-    assert [r['round'] for r in rounds] == list(range(1, target.config['num_rounds'] + 1))
+    view, private = load_attack_inputs(str(attacked.parent / 'run' / 'global_model.pth'), device='cpu')
+    prior = view.public_x.mean(0, keepdim=True)
+    assert [r['round'] for r in rounds] == list(range(1, view.config['num_rounds'] + 1))
     for r in rounds:
-        assert [c['client'] for c in r['clients']] == list(range(target.config['num_clients']))
+        assert [c['client'] for c in r['clients']] == list(range(view.config['num_clients']))
         for c in r['clients']:
-            real = target.train_x[torch.as_tensor(target.client_indices[c['client']])]
+            real = private.client(c['client'])[0]
             assert c['black_image_psnr_max'] == pytest.approx(psnr(torch.zeros_like(real), real).max().item())
             nearest = real[(prior - real).pow(2).flatten(1).mean(1).topk(k, largest=False).indices]
             assert c['mean_image_psnr_mean'] == pytest.approx(psnr(prior.expand_as(nearest), nearest).mean().item())

@@ -15,7 +15,9 @@ import time
 import pytest
 import torch
 
-from src.attacks.target import load_captured_updates, load_target
+from src.attacks.target import load_attack_inputs
+from src.model import CNN, param_shapes
+from src.records import load_captured
 from src.federated import train
 from tests.conftest import tiny_config
 
@@ -40,7 +42,7 @@ def assert_same_run(dir_a, dir_b, atol):
     mb = torch.load(dir_b / 'global_model.pth', weights_only=True)
     for k in ma:
         torch.testing.assert_close(ma[k], mb[k], rtol=0, atol=atol)
-    ra, rb = load_captured_updates(str(dir_a / 'captured_updates.pt')), load_captured_updates(str(dir_b / 'captured_updates.pt'))
+    ra, rb = (load_captured(str(d / 'captured_updates.pt'), param_shapes(CNN())) for d in (dir_a, dir_b))
     assert ra['meta'] == rb['meta']
     assert [r['round'] for r in ra['rounds']] == [r['round'] for r in rb['rounds']]
     for xa, xb in zip(ra['rounds'], rb['rounds']):
@@ -68,13 +70,14 @@ def test_simulation_engine_matches_builtin(idx_dir, tmp_path):
     # fp32: bf16 autocast would round differently under the clients' thread counts
     settings = dict(num_rounds=2, local_epochs=1, num_clients=3, precision='fp32', data_distribution='non_iid')
     builtin = train(tiny_config(idx_dir, tmp_path / 'builtin', **settings), log=QUIET)
-    flower = train(tiny_config(idx_dir, tmp_path / 'flower', engine='flower', **settings), log=QUIET)
+    from src.flower_engine import train_flower
+    flower = train_flower(tiny_config(idx_dir, tmp_path / 'flower', engine='flower', **settings), log=QUIET)
     assert flower['config']['engine'] == 'flower' and 'flwr' in flower['versions']
     assert flower['final_test_accuracy'] == builtin['final_test_accuracy']
     # Ray's actors run torch on 1 thread, the built-in engine on all cores: float sums may differ in the last bit
     assert_same_run(tmp_path / 'builtin', tmp_path / 'flower', atol=1e-6)
-    target = load_target(str(tmp_path / 'flower' / 'global_model.pth'), device='cpu')  # what run_all_attacks loads
-    assert len(target.client_indices) == 3
+    _, private = load_attack_inputs(str(tmp_path / 'flower' / 'global_model.pth'), device='cpu')  # as attacks load it
+    assert len(private.client_indices) == 3
 
 
 def free_port():
@@ -154,7 +157,7 @@ def test_deployment_superlink_and_two_supernodes_on_loopback(idx_dir, tmp_path):
     assert all(p.poll() is not None for p in procs)
     history = json.loads((out / 'training_history.json').read_text())
     assert [r['round'] for r in history['rounds']] == [1, 2]
-    record = load_captured_updates(str(out / 'captured_updates.pt'))
+    record = load_captured(str(out / 'captured_updates.pt'), param_shapes(CNN()))
     assert [[u['client'] for u in r['updates']] for r in record['rounds']] == [[0, 1], [0, 1]]
     # two real processes exchanging weights over the network train exactly what the built-in engine trains
     train(tiny_config(idx_dir, tmp_path / 'builtin', num_clients=2, num_rounds=2, local_epochs=1, precision='fp32'),

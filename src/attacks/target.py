@@ -1,35 +1,15 @@
-"""What the attacking server holds after training: the global model, the training record,
-the captured client updates, and (for scoring only) the data the clients trained on."""
-import json
+"""Load what an attack run needs from the files main.py wrote, split by who may see it: the server's
+view (global model, announced protocol, its record of updates, public data) and the clients' data."""
 import os
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from src.data import Dataset, load_dataset, to_tensor
+from src.attacks.base import AttackerView, PrivateData
+from src.data import load_dataset, to_tensor
 from src.model import CNN, param_shapes
 from src.records import load_captured, load_history
 from src.utils import UserError, load_torch, resolve_device
-
-
-@dataclass
-class Target:
-    model: CNN                 # the attacked global model, fp32, eval mode, on `device`
-    history: dict              # training_history.json
-    data: Dataset              # uint8 arrays; clients' private data = train split
-    train_x: torch.Tensor      # (N, 1, 28, 28) float in [0, 1], on device
-    train_y: torch.Tensor      # (N,) int64
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    client_indices: list       # one int64 array of train indices per client
-    captured_path: str         # captured_updates.pt beside the model
-    device: torch.device
-    captured: dict = None      # captured_updates.pt's content, checked at load time (None: no such file)
-
-    @property
-    def config(self):
-        return self.history['config']
 
 
 def load_model(path, device='cpu'):
@@ -51,32 +31,37 @@ def load_model(path, device='cpu'):
     return model.to(device).eval()
 
 
-def load_target(model_path='global_model.pth', history_path=None, data_dir=None, device='auto'):
-    """Everything an attack needs, from the files main.py wrote (history defaults to the model's folder)."""
+# what the server announced or learnt itself; 'partition' and the per-client class counts are the
+# clients' private data and stay out of the attacker's view
+PRIVATE_HISTORY_KEYS = ('partition', 'clients', 'classes_held_by_no_client')
+
+
+def load_attack_inputs(model_path='global_model.pth', history_path=None, data_dir=None, device='auto',
+                       cache_dir='cache'):
+    """(AttackerView, PrivateData) from the files main.py wrote; every file is checked here, once.
+
+    The history defaults to training_history.json beside the model, the recorded updates to
+    captured_updates.pt beside it (None when the server kept none).
+    """
     device = resolve_device(device)
     folder = os.path.dirname(os.path.abspath(model_path))
-    history = load_history(history_path or os.path.join(folder, 'training_history.json'))
+    history_path = history_path or os.path.join(folder, 'training_history.json')
+    history = load_history(history_path)
     model = load_model(model_path, device)
     captured_path = os.path.join(folder, 'captured_updates.pt')
+    captured = load_captured(captured_path, param_shapes(CNN())) if os.path.exists(captured_path) else None
     cfg = history['config']
     data = load_dataset(cfg['dataset'], data_dir or cfg['data_dir'])
     indices = [np.asarray(p, dtype=np.int64) for p in history['partition']['indices']]
     if sum(len(p) for p in indices) and max(int(p.max()) for p in indices if len(p)) >= len(data.train_labels):
-        raise UserError(f'training history {history_path or folder}: partition.indices reach beyond the '
+        raise UserError(f'training history {history_path}: partition.indices reach beyond the '
                         f'{len(data.train_labels)} training images in {data_dir or cfg["data_dir"]} (other data?)')
-    return Target(
-        model=model, history=history, data=data,
-        train_x=to_tensor(data.train_images, device),
-        train_y=torch.from_numpy(data.train_labels.astype(np.int64)).to(device),
-        test_x=to_tensor(data.test_images, device),
-        test_y=torch.from_numpy(data.test_labels.astype(np.int64)).to(device),
-        client_indices=indices,
-        captured_path=captured_path,
-        captured=load_captured_updates(captured_path) if os.path.exists(captured_path) else None,
-        device=device,
-    )
-
-
-def load_captured_updates(path):
-    """captured_updates.pt as main.py wrote it, checked against the CNN's parameter shapes."""
-    return load_captured(path, param_shapes(CNN()))
+    view = AttackerView(
+        model=model, training={k: v for k, v in history.items() if k not in PRIVATE_HISTORY_KEYS},
+        captured=captured, public_x=to_tensor(data.test_images, device),
+        public_y=torch.from_numpy(data.test_labels.astype(np.int64)).to(device),
+        dataset=data.name, device=device, cache_dir=cache_dir)
+    private = PrivateData(train_x=to_tensor(data.train_images, device),
+                          train_y=torch.from_numpy(data.train_labels.astype(np.int64)).to(device),
+                          client_indices=indices, dataset=data)
+    return view, private
