@@ -3,7 +3,8 @@
     python benchmarks/bench_end_to_end.py --data-dir ../shared/data/fashion-mnist --dataset fashion-mnist [--profile]
 
 Prints the time of each stage and the total against the 8-minute goal (the original README
-budgets about 35 minutes on a CPU). --profile adds cProfile's top functions per stage.
+budgets about 35 minutes on a CPU), as the median and range of --repeats first runs (each from
+empty caches). --profile adds cProfile's top functions per stage.
 """
 import argparse
 import cProfile
@@ -13,6 +14,8 @@ import pstats
 import sys
 import tempfile
 import time
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
@@ -35,29 +38,44 @@ def timed(label, fn, profile):
     return seconds
 
 
+def first_run(args, tmp):
+    """One first run from empty caches: (seconds per stage, total, metrics)."""
+    cfg = config.resolve(args.config, {'data_dir': args.data_dir, 'dataset': args.dataset,
+                                       'output_dir': os.path.join(tmp, 'run')})
+    train_s = timed('training', lambda: train(cfg, log=lambda *a: None), args.profile)
+    out = os.path.join(tmp, 'attack_results')
+    attack_s = timed('attacks (incl. evaluation classifiers and GAN training)', lambda: run_all_attacks.main(
+        ['--model', os.path.join(tmp, 'run', 'global_model.pth'), '--output-dir', out,
+         '--cache-dir', os.path.join(tmp, 'cache')]), args.profile)
+    with open(os.path.join(out, 'metrics.json')) as f:
+        m = json.load(f)
+    stages = {'training': train_s, 'attacks': attack_s,
+              **{key: m[key]['seconds'] for key in ('gradient_inversion', 'model_inversion', 'gan_inversion')}}
+    return stages, train_s + attack_s, m
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data-dir', default=os.path.join('..', 'shared', 'data', 'fashion-mnist'))
     p.add_argument('--dataset', default='fashion-mnist')
     p.add_argument('--config', default='standard')
     p.add_argument('--profile', action='store_true')
+    p.add_argument('--repeats', type=int, default=3, help='first runs to time; the median and range are reported')
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = config.resolve(args.config, {'data_dir': args.data_dir, 'dataset': args.dataset,
-                                           'output_dir': os.path.join(tmp, 'run')})
-        total = timed('training', lambda: train(cfg, log=lambda *a: None), args.profile)
-        out = os.path.join(tmp, 'attack_results')
-        total += timed('attacks (incl. evaluation classifier and GAN training)', lambda: run_all_attacks.main(
-            ['--model', os.path.join(tmp, 'run', 'global_model.pth'), '--output-dir', out,
-             '--cache-dir', os.path.join(tmp, 'cache')]), args.profile)
-        with open(os.path.join(out, 'metrics.json')) as f:
-            m = json.load(f)
-    gi, mi, gmi = m['gradient_inversion'], m['model_inversion'], m['gan_inversion']
-    print(f"  gradient inversion {gi['seconds']:.1f} s | model inversion {mi['seconds']:.1f} s "
-          f"(evaluation classifier training included on first use) | GAN inversion {gmi['seconds']:.1f} s "
-          f"(GAN training {gmi['gan_train_seconds']:.1f} s, inversion {gmi['inversion_seconds']:.1f} s)")
-    print(f"training accuracy {m['training_final_test_accuracy']:.4f}; {gi['summary']}")
-    print(f"total {total:.0f} s = {total / 60:.1f} min (goal: 8 min; the original README budgets ~35 min)")
+    print(f"{time.strftime('%Y-%m-%d')}: {args.config} on {args.data_dir}, then all attacks, from empty caches")
+    runs = []
+    for i in range(args.repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            stages, total, m = first_run(args, tmp)
+        runs.append((stages, total))
+        print(f"run {i + 1}: total {total:.0f} s; " + ', '.join(f'{k} {v:.1f} s' for k, v in stages.items()), flush=True)
+    print(f"training accuracy {m['training_final_test_accuracy']:.4f}; {m['gradient_inversion']['summary']}")
+    for key in runs[0][0]:
+        values = [s[key] for s, _ in runs]
+        print(f'  {key}: median {np.median(values):.1f} s (range {min(values):.1f}-{max(values):.1f})')
+    totals = [t for _, t in runs]
+    print(f"total: median {np.median(totals):.0f} s = {np.median(totals) / 60:.1f} min (range {min(totals):.0f}-"
+          f"{max(totals):.0f} s, {len(totals)} runs; goal: 8 min; the original README budgets ~35 min)")
 
 
 if __name__ == '__main__':

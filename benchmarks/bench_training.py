@@ -104,6 +104,11 @@ def interleaved_speed(cfg, data, pairs=5):
     return float(np.median(plain_rates)), float(np.median(ours_rates)), float(np.median(ratios)), precision
 
 
+def spread(values):
+    """'median (min-max, n runs)': how every speed figure is reported, never the best run alone."""
+    return f'{np.median(values):.2f}x ({min(values):.2f}-{max(values):.2f}, {len(values)} runs)'
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data-dir', default=os.path.join('..', 'shared', 'data', 'mnist-10k'))
@@ -111,26 +116,29 @@ def main():
     p.add_argument('--config', default='standard', choices=sorted(config.PRESETS))
     p.add_argument('--distribution', default='iid')
     p.add_argument('--rounds', type=int, help='fewer rounds for a shorter measurement')
+    p.add_argument('--repeats', type=int, default=3, help='whole comparisons to run; the median and range are reported')
     args = p.parse_args()
-    with tempfile.TemporaryDirectory() as out:
-        cfg = config.resolve(args.config, {'data_dir': args.data_dir, 'dataset': args.dataset, 'output_dir': out,
-                                           'data_distribution': args.distribution, 'num_rounds': args.rounds,
-                                           'capture_rounds': 'none', 'device': 'cpu'})
-        data = load_dataset(cfg['dataset'], cfg['data_dir'], download=False)
-        history = train(cfg, log=lambda *a: None)
-    ours = history['samples_per_second']
-    plain_acc, plain = plain_loop(cfg, data)
-    plain_rate, ours_rate, ratio, precision = interleaved_speed(cfg, data)
-    print(f"{args.config} {args.distribution} on {args.data_dir} ({len(data.train_labels)} train images), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print('whole federated run, one after the other:')
-    print(f"  plain loop (fp32, NCHW):            {plain:8.0f} samples/s   final test accuracy {plain_acc:.4f}")
-    print(f"  project ({history['precision']}, channels_last):     {ours:8.0f} samples/s   "
-          f"final test accuracy {history['final_test_accuracy']:.4f}")
-    print(f"  ratio {ours / plain:.2f}x   accuracy difference {history['final_test_accuracy'] - plain_acc:+.4f}")
-    print('local training of one client, 5 alternating pairs (median; robust to a drifting machine):')
-    print(f"  plain loop {plain_rate:.0f} samples/s, project ({precision}) {ours_rate:.0f} samples/s")
-    print(f"speed-up: {ratio:.2f}x")
+    whole, local = [], []
+    print(f"{args.config} {args.distribution} on {args.data_dir}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
+    for run in range(args.repeats):
+        with tempfile.TemporaryDirectory() as out:
+            cfg = config.resolve(args.config, {'data_dir': args.data_dir, 'dataset': args.dataset, 'output_dir': out,
+                                               'data_distribution': args.distribution, 'num_rounds': args.rounds,
+                                               'capture_rounds': 'none', 'device': 'cpu'})
+            data = load_dataset(cfg['dataset'], cfg['data_dir'], download=False)
+            history = train(cfg, log=lambda *a: None)
+        ours = history['samples_per_second']
+        plain_acc, plain = plain_loop(cfg, data)
+        plain_rate, ours_rate, ratio, precision = interleaved_speed(cfg, data)
+        whole.append(ours / plain)
+        local.append(ratio)
+        print(f"run {run + 1}: whole run plain {plain:.0f} samples/s (accuracy {plain_acc:.4f}), project "
+              f"({history['precision']}, channels_last) {ours:.0f} samples/s (accuracy "
+              f"{history['final_test_accuracy']:.4f}): {ours / plain:.2f}x; one client, 5 alternating pairs: "
+              f"plain {plain_rate:.0f}, project {ours_rate:.0f} samples/s: {ratio:.2f}x", flush=True)
+    print(f'speed-up, whole federated run: {spread(whole)}')
+    print(f'speed-up, one client (median of 5 alternating pairs per run): {spread(local)}')
 
 
 if __name__ == '__main__':
