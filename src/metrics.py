@@ -31,7 +31,7 @@ def mse(a, b):
 
 def psnr(a, b, data_range=1.0):
     """10 log10(range^2 / MSE) per image, capped at PSNR_CAP dB for identical images."""
-    return 10 * torch.log10(data_range ** 2 / mse(a, b).clamp_min(MSE_FLOOR))
+    return 10 * torch.log10(data_range ** 2 / mse(a, b).clamp_min(MSE_FLOOR * data_range ** 2))
 
 
 def _gaussian_window(size=11, sigma=1.5, device=None):
