@@ -124,8 +124,8 @@ def plot_tradeoff(rows, path, attacks):
     baseline = rows[0]
     panels = [('test_accuracy', 'model test accuracy', None)]
     for attack in map(get, attacks):
-        path, label, kind = attack.headline[0]
-        first = f'{attack.key}.{path}'
+        metric, label, kind = attack.headline[0]
+        first = f'{attack.key}.{metric}'
         no_attack = [f'{attack.key}.{p}' for p, lab, k in attack.headline if lab.startswith('no attack') and k == kind]
         panels.append((first, f'{attack.key}: {label}', no_attack[0] if no_attack else None))
     panels = [p for p in panels if baseline.get(p[0]) is not None]

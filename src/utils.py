@@ -137,6 +137,7 @@ def atomic_dir(path, tool):
     """
     path = check_output_dir(path, tool, replace=True)
     parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
     _remove_stale_siblings(path)
     staging = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(path)}.staging-{os.getpid()}-')
     os.chmod(staging, 0o777 & ~_umask())

@@ -1,10 +1,13 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 from opacus import PrivacyEngine
+from opacus.accountants import RDPAccountant
 from torch.utils.data import DataLoader, TensorDataset
 
-from src.defenses import clip_and_noise, dp_client_update, epsilon, prune
+from src.defenses import clip_and_noise, dp_client_update, epsilon, prune, update_epsilon
 from src.federated import train
 from src.model import CNN
 from tests.conftest import tiny_config
@@ -40,6 +43,74 @@ def test_opacus_clips_per_sample_gradients():
     assert flat_norm(grads) <= 0.5 + 1e-5
 
 
+def test_dp_client_update_is_clipped_per_sample_sgd():
+    """Zero noise, one full batch (Poisson sampling at rate 1 takes every image): the step is exactly
+    -lr * mean over samples of each gradient clipped to C, computed here one sample at a time."""
+    torch.manual_seed(0)
+    x, y = torch.rand(5, 1, 28, 28) * 5, torch.randint(0, 10, (5,))
+    start = {k: v.clone() for k, v in CNN(dropout=0.0).state_dict().items()}
+    lr, clip = 0.1, 0.5
+
+    def run(noise, seed=0):
+        model = CNN(dropout=0.0)
+        model.load_state_dict(start)
+        return dp_client_update(model, x, y, 1, 5, lr, noise, clip, [], torch.Generator().manual_seed(seed))
+
+    state, n, history = run(0.0)
+    assert n == 5 and set(state) == set(start)
+    assert [tuple(h) for h in history] == [(0.0, 1.0, 1)]  # (noise multiplier, sample rate, steps)
+    ref = CNN(dropout=0.0)
+    ref.load_state_dict(start)
+    names = [k for k, _ in ref.named_parameters()]
+    total = {k: torch.zeros_like(v) for k, v in start.items()}
+    for i in range(5):
+        g = torch.autograd.grad(F.cross_entropy(ref(x[i:i + 1]), y[i:i + 1]), list(ref.parameters()))
+        norm = flat_norm(g)
+        assert norm > 10 * clip  # every sample is clipped, by a large factor
+        for k, t in zip(names, g):
+            total[k] += t * (clip / norm)
+    for k in start:
+        torch.testing.assert_close(state[k], start[k] - lr * total[k] / 5, rtol=0, atol=1e-7)
+    assert 0 < flat_norm([state[k] - start[k] for k in start]) <= lr * clip + 1e-6
+
+    # noise: seeded (the same generator seed gives the same state), of std lr * sigma * C / batch per coordinate
+    noisy, _, noisy_history = run(2.0, seed=1)
+    assert [tuple(h) for h in noisy_history] == [(2.0, 1.0, 1)]
+    again, _, _ = run(2.0, seed=1)
+    other, _, _ = run(2.0, seed=2)
+    assert all(torch.equal(noisy[k], again[k]) for k in start)
+    assert not torch.equal(noisy['fc1.weight'], other['fc1.weight'])
+    diff = noisy['fc1.weight'] - state['fc1.weight']  # 204,800 draws
+    assert abs(diff.std().item() / (lr * 2.0 * clip / 5) - 1) < 0.02 and abs(diff.mean().item()) < 1e-4
+
+
+def opacus_epsilon(steps, delta):
+    """Epsilon from Opacus's own accountant, stepped one SGD step at a time."""
+    accountant = RDPAccountant()
+    for noise, rate, n in steps:
+        for _ in range(n):
+            accountant.step(noise_multiplier=noise, sample_rate=rate)
+    return accountant.get_epsilon(delta)
+
+
+def test_epsilon_is_opacus_accountant_and_monotone():
+    assert epsilon([], 1e-5) == 0.0
+    # (subsampled histories cost ~0.1 s each to account; full-batch ones are closed-form)
+    for history in ([(1.0, 0.5, 3), (2.0, 0.1, 20)], [[0.7, 1.0, 2]]):
+        assert epsilon(history, 1e-5) == pytest.approx(opacus_epsilon(history, 1e-5), rel=1e-12)
+    by_noise = [epsilon([(sigma, 1.0, 10)], 1e-5) for sigma in (0.6, 1.0, 2.0, 4.0)]
+    assert all(a > b > 0 for a, b in zip(by_noise, by_noise[1:]))  # more noise, less privacy spent
+    by_steps = [epsilon([(1.0, 1.0, steps)], 1e-5) for steps in (1, 2, 10, 50)]
+    assert all(0 < a < b for a, b in zip(by_steps, by_steps[1:]))
+    by_delta = [epsilon([(1.0, 1.0, 10)], delta) for delta in (1e-7, 1e-5, 1e-3)]
+    assert all(a > b for a, b in zip(by_delta, by_delta[1:]))
+    # update clipping + noise: one full-participation Gaussian release per round
+    assert update_epsilon(3, 0.8, 1e-5) == pytest.approx(opacus_epsilon([(0.8, 1.0, 3)], 1e-5), rel=1e-12)
+    assert update_epsilon(3, 0.8, 1e-5) < update_epsilon(4, 0.8, 1e-5)
+    assert update_epsilon(3, 1.6, 1e-5) < update_epsilon(3, 0.8, 1e-5)
+    assert update_epsilon(3, 0.0, 1e-5) == math.inf
+
+
 def test_epsilon_grows_with_steps():
     torch.manual_seed(0)
     x, y = torch.rand(64, 1, 28, 28), torch.randint(0, 10, (64,))
@@ -48,26 +119,70 @@ def test_epsilon_grows_with_steps():
     for _ in range(2):
         _, _, history = dp_client_update(CNN(), x, y, 1, 16, 0.1, 1.0, 1.0, history, torch.Generator().manual_seed(0))
         eps.append(epsilon(history, 1e-5))
-    assert 0 < eps[0] < eps[1]
+        # 64 images in batches of 16: Poisson rate 1/4, 4 steps per epoch, accumulated across calls
+        assert [tuple(h) for h in history] == [(1.0, 0.25, 4 * len(eps))]
+    assert 0 < eps[0] < eps[1]  # (epsilon of a history is checked against Opacus's accountant above)
 
 
 @pytest.mark.parametrize('fraction', [0.1, 0.5, 0.01])
 def test_pruning_keeps_exactly_the_fraction(fraction):
     torch.manual_seed(0)
     delta = {k: torch.randn_like(v) for k, v in CNN().state_dict().items()}
+    original = {k: v.clone() for k, v in delta.items()}
     pruned = prune(delta, fraction)
+    assert set(pruned) == set(delta)
     for k, v in pruned.items():
+        assert v.shape == delta[k].shape and v.dtype == delta[k].dtype
+        assert torch.equal(delta[k], original[k])  # the input is left alone
         keep = max(1, round(fraction * v.numel()))
         assert (v != 0).sum().item() == keep
-        kept = v[v != 0].abs()
-        dropped = delta[k][v == 0].abs()
-        assert dropped.numel() == 0 or kept.min() >= dropped.max()  # the largest ones are kept
+        # exactly the top-k entries by magnitude, with their values unchanged
+        top = delta[k].reshape(-1).abs().topk(keep).indices
+        expected = torch.zeros(v.numel())
+        expected[top] = delta[k].reshape(-1)[top]
+        assert torch.equal(v, expected.reshape(v.shape))
+
+
+def test_pruning_hand_cases():
+    delta = {'a': torch.tensor([0.1, -5.0, 3.0, 0.2]), 'b': torch.tensor([[1.0, -2.0], [0.5, 4.0]]),
+             'c': torch.tensor([0.3])}
+    pruned = prune(delta, 0.5)
+    assert torch.equal(pruned['a'], torch.tensor([0.0, -5.0, 3.0, 0.0]))  # sign kept, by magnitude
+    assert torch.equal(pruned['b'], torch.tensor([[0.0, -2.0], [0.0, 4.0]]))  # per tensor, not global
+    assert torch.equal(pruned['c'], torch.tensor([0.3]))  # at least one entry survives
+    assert torch.equal(prune(delta, 0.25)['a'], torch.tensor([0.0, -5.0, 0.0, 0.0]))
+    assert torch.equal(prune(delta, 0.75)['a'], torch.tensor([0.0, -5.0, 3.0, 0.2]))
+    assert all(torch.equal(prune(delta, 1.0)[k], delta[k]) for k in delta)
 
 
 def test_update_clipping_bounds_the_norm():
-    delta = {'a': torch.full((10,), 3.0), 'b': torch.full((5,), -4.0)}
+    delta = {'a': torch.full((10,), 3.0), 'b': torch.full((5,), -4.0)}  # norm sqrt(90 + 80) = sqrt(170)
     clipped = clip_and_noise(delta, clip=1.0, noise_multiplier=0.0, generator=torch.Generator())
     assert abs(flat_norm(clipped.values()) - 1.0) < 1e-5
+    scale = 1.0 / math.sqrt(170)  # the same direction, scaled to exactly the bound
+    torch.testing.assert_close(clipped['a'], torch.full((10,), 3.0 * scale), rtol=1e-6, atol=0)
+    torch.testing.assert_close(clipped['b'], torch.full((5,), -4.0 * scale), rtol=1e-6, atol=0)
+    assert torch.equal(delta['a'], torch.full((10,), 3.0))  # the input is left alone
+    # an update already inside the bound is sent unchanged
+    small = clip_and_noise(delta, clip=20.0, noise_multiplier=0.0, generator=torch.Generator())
+    assert all(torch.equal(small[k], delta[k]) for k in delta)
+    bigger = clip_and_noise(delta, clip=2.5, noise_multiplier=0.0, generator=torch.Generator())
+    assert abs(flat_norm(bigger.values()) - 2.5) < 1e-5
+
+
+def test_update_noise_has_the_announced_std_and_is_seeded():
+    zero = {'a': torch.zeros(300, 300), 'b': torch.zeros(300, 300)}  # nothing to clip: the output is the noise
+    out = clip_and_noise(zero, clip=2.0, noise_multiplier=0.5, generator=torch.Generator().manual_seed(0))
+    for v in out.values():
+        assert abs(v.std().item() - 1.0) < 0.01 and abs(v.mean().item()) < 0.01  # std = 0.5 * 2.0
+    assert abs(torch.corrcoef(torch.stack([out['a'].flatten(), out['b'].flatten()]))[0, 1].item()) < 0.02
+    same = clip_and_noise(zero, clip=2.0, noise_multiplier=0.5, generator=torch.Generator().manual_seed(0))
+    other = clip_and_noise(zero, clip=2.0, noise_multiplier=0.5, generator=torch.Generator().manual_seed(1))
+    assert all(torch.equal(out[k], same[k]) for k in out) and not torch.equal(out['a'], other['a'])
+    # noise is added after clipping: a huge update clipped to C = 2 plus N(0, 1) noise
+    huge = {'a': torch.full((300, 300), 1e3), 'b': torch.zeros(300, 300)}
+    noisy = clip_and_noise(huge, clip=2.0, noise_multiplier=0.5, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(noisy['a'] - out['a'], torch.full((300, 300), 2.0 / 300), rtol=0, atol=1e-5)
 
 
 def test_secure_aggregation_keeps_no_individual_update(idx_dir, tmp_path):
@@ -75,9 +190,13 @@ def test_secure_aggregation_keeps_no_individual_update(idx_dir, tmp_path):
     record = torch.load(tmp_path / 'captured_updates.pt', weights_only=True)
     rnd = record['rounds'][0]
     assert 'updates' not in rnd and rnd['aggregate']['num_clients'] == 3
+    assert rnd['aggregate']['num_samples'] == 300 and set(rnd['aggregate']) == {'num_clients', 'num_samples', 'delta'}
+    assert record['meta']['secure_aggregation'] is True
+    assert all(set(r) == {'round', 'global_state', 'aggregate'} for r in record['rounds'])
     final = torch.load(tmp_path / 'global_model.pth', weights_only=True)
     for k in final:  # what it keeps is exactly the aggregate step, nothing finer
-        torch.testing.assert_close(rnd['global_state'][k] + rnd['aggregate']['delta'][k], final[k])
+        torch.testing.assert_close(rnd['global_state'][k] + rnd['aggregate']['delta'][k], final[k], rtol=0, atol=1e-6)
+    assert any(rnd['aggregate']['delta'][k].abs().max() > 1e-4 for k in final)  # the round did move the model
 
 
 def test_training_with_composed_defenses_reports_privacy(idx_dir, tmp_path):
@@ -87,7 +206,16 @@ def test_training_with_composed_defenses_reports_privacy(idx_dir, tmp_path):
     assert history['defenses'] == ['dp_sgd', 'update_clip_noise', 'pruning']
     dp = history['privacy']['dp_sgd']
     assert len(dp['epsilon_per_client']) == 3 and dp['epsilon'] == max(dp['epsilon_per_client']) > 0
-    assert history['privacy']['update_clip_noise']['epsilon'] > 0
+    # each client: 100 images in batches of 64 -> Poisson rate 1/2, 2 steps an epoch, 1 epoch x 2 rounds
+    assert [c['num_samples'] for c in history['clients']] == [100, 100, 100]
+    expected = opacus_epsilon([(1.0, 0.5, 4)], 1e-5)
+    assert all(eps == pytest.approx(expected, rel=1e-12) for eps in dp['epsilon_per_client'])
+    assert history['privacy']['update_clip_noise']['epsilon'] == pytest.approx(
+        opacus_epsilon([(0.1, 1.0, 2)], 1e-5), rel=1e-12)
+    record = torch.load(tmp_path / 'captured_updates.pt', weights_only=True)
+    for rnd in record['rounds']:  # what the server received was pruned to half of every tensor
+        for u in rnd['updates']:
+            assert all((d != 0).sum().item() == round(0.5 * d.numel()) for d in u['delta'].values())
 
 
 def test_sweep_resumes_and_writes_its_outputs(idx_dir, tmp_path):
