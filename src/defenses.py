@@ -7,7 +7,7 @@
   clipped to L2 norm `update_clip` and N(0, (update_noise * update_clip)^2) is added per coordinate.
 - Update pruning (the defense the DLG paper tested): each tensor keeps its top `keep_fraction`
   entries by magnitude, the rest become zero.
-- Secure aggregation: the server receives only the round's sum (see server.CuriousServer), so it
+- Secure aggregation: the server learns only the round's aggregate (see server.CuriousServer), so it
   never holds an individual update. Central DP added to that sum alone would not hide an
   individual update from a server that could see them; secure aggregation is what removes them.
 
@@ -118,23 +118,38 @@ def update_epsilon(rounds, noise_multiplier, delta):
     return epsilon([(noise_multiplier, 1.0, rounds)], delta)
 
 
-def defend_gradients(grads, cfg, generator):
+def defend_gradients(grads, cfg, generator, examples=None):
     """What a client under `cfg`'s defenses sends for intercepted batch gradients.
 
-    grads: {name: (n, *shape)}, one gradient per intercepted batch (one local SGD step). DP-SGD
-    clips every per-example gradient and adds N(0, (sigma*C)^2) to their sum (here: batch 1,
-    so to the one gradient). The update defenses act on the step the client sends, -lr * g,
-    and the server, knowing lr, reads the gradient back. Secure aggregation is not applied here:
-    the mean of K clients' one-image gradients is the gradient of one K-image batch, so the
-    attack handles it as a larger batch.
+    grads: {name: (n, *shape)}, one gradient per intercepted batch (one local SGD step: the mean
+    over its B examples). DP-SGD (Abadi et al. 2016) clips EACH example's gradient to C, sums them,
+    adds N(0, (sigma*C)^2) and divides by B, so it needs `examples`: {name: (n, B, *shape)}, each
+    example's gradient in those batches (for B = 1 the batch gradient itself). The update defenses
+    act on the step the client sends, -lr * g, and the server, knowing lr, reads the gradient back.
+    Secure aggregation is not applied here: the mean of K clients' gradients is the gradient of one
+    K-times larger batch, so the attack handles it as a larger batch.
     """
     names = list(grads)
     n = next(iter(grads.values())).shape[0]
+    dp = cfg.get('dp_noise_multiplier', 0) > 0
+    if dp and examples is None:
+        raise ValueError('DP-SGD clips every example\'s gradient: pass examples={name: (n, B, *shape)}')
     rows = []
     for i in range(n):
         g = {k: grads[k][i] for k in names}
-        if cfg.get('dp_noise_multiplier', 0) > 0:
-            g = clip_and_noise(g, cfg['dp_max_grad_norm'], cfg['dp_noise_multiplier'], generator)
+        if dp:
+            clip, sigma = cfg['dp_max_grad_norm'], cfg['dp_noise_multiplier']
+            batch = examples[names[0]].shape[1]
+            summed = {k: 0.0 for k in names}
+            for b in range(batch):
+                one = {k: examples[k][i, b] for k in names}
+                norm = torch.sqrt(sum((v.float() ** 2).sum() for v in one.values()))
+                scale = min(1.0, clip / (norm.item() + 1e-12))
+                summed = {k: summed[k] + one[k] * scale for k in names}
+            # the noise is added once to the sum, not to each example: its std on the mean is sigma*C/B
+            g = {k: (summed[k] + sigma * clip * torch.randn(summed[k].shape, generator=generator,
+                                                            dtype=torch.float32).to(summed[k].device)) / batch
+                 for k in names}
         lr = cfg['learning_rate']
         step = {k: -lr * v for k, v in g.items()}
         step = defend_update(step, cfg, generator)

@@ -77,4 +77,4 @@ def best_restart(score):
 def recovered_fractions(psnr_values, thresholds=RECOVERED_DB):
     """{'recovered_25db': f, 'recovered_30db': f}: the fraction of reconstructions at or above each PSNR."""
     p = torch.as_tensor(psnr_values, dtype=torch.float32)
-    return {f'recovered_{t:g}db': float((p >= t).float().mean()) if len(p) else 0.0 for t in thresholds}
+    return {f'recovered_{t:g}db': int((p >= t).sum()) / len(p) if len(p) else 0.0 for t in thresholds}
