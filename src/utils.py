@@ -55,9 +55,9 @@ def _read_marker(folder):
         return None
 
 
-def _probe_writable(folder, flag):
+def _probe_writable(folder, flag, shown):
     """Write a file in `folder` (or, if it does not exist yet, in its nearest existing parent, where it
-    would be created), so an unwritable output fails now, not after the work; nothing is left behind."""
+    would be created), so an unwritable output `shown` fails now, not after the work; nothing is left."""
     where = folder
     while not os.path.lexists(where):
         where = os.path.dirname(where)
@@ -66,7 +66,7 @@ def _probe_writable(folder, flag):
         os.close(fd)
         os.remove(probe)
     except OSError as e:
-        raise UserError(f'{flag} {folder}: cannot be written ({e.strerror or e})') from None
+        raise UserError(f'{flag} {shown}: cannot be written ({e.strerror or e})') from None
 
 
 def check_output_dir(path, tool, replace=False, flag='--output-dir'):
@@ -101,7 +101,7 @@ def check_output_dir(path, tool, replace=False, flag='--output-dir'):
         elif owner is not None and owner != tool:
             raise UserError(f'{flag} {path}: is a results folder of {owner}, which replaces it whole on its next run; '
                             f'name another folder')
-    _probe_writable(os.path.dirname(path) if replace else path, flag)
+    _probe_writable(os.path.dirname(path) if replace else path, flag, path)
     return path
 
 
@@ -183,8 +183,7 @@ def save_json(obj, path):
     """Strict JSON, written atomically: non-finite numbers become null, listed under 'non_finite'."""
     obj, bad = finite_json(obj)
     if bad and isinstance(obj, dict):
-        obj['non_finite'] = dict(bad, why='these values were NaN or infinite (a diverged model or attack); '
-                                          'written as null')
+        obj['non_finite'] = bad  # path -> 'nan' | 'inf' | '-inf': what the null there stood for
     with atomic_path(path) as tmp, open(tmp, 'w') as f:
         json.dump(obj, f, indent=2, allow_nan=False)
         f.write('\n')
