@@ -1,74 +1,72 @@
 """GAN-based model inversion (GMI: Zhang et al., "The Secret Revealer", CVPR 2020).
 
-The honest-but-curious server learns a generative prior from data it legitimately holds (never the
-clients' training data), then, for every class, searches the generator's latent space for images the
-final global model assigns to that class, while the GAN's discriminator keeps them realistic:
+The honest-but-curious server learns a generative prior (src/attacks/gan_prior.py) from data it legitimately
+holds (never the clients' training data), then, for every class, searches the generator's latent space for
+images the final global model assigns to that class, while the GAN's discriminator keeps them realistic:
 
     min_z  -D(G(z)) + lambda * L_id(T(G(z)), class),   z clamped to [-1, 1]
 
-L_id is cross-entropy (GMI) or, by default, the negative target logit (Nguyen et al., CVPR 2023: the "logit loss",
-stronger because it does not saturate). All classes x restarts are optimised as ONE batch; per class
-the restart the target is most confident about is kept (GMI's protocol), and accuracy averaged over
-all restarts is reported too (the protocol of later papers).
+L_id is cross-entropy (GMI) or, by default, the negative target logit (Nguyen et al., CVPR 2023: the "logit
+loss", stronger because it does not saturate). All classes x restarts are optimised as ONE batch; per class
+the restart the target is most confident about is kept (GMI's protocol), and accuracy averaged over all
+restarts is reported too (the protocol of later papers).
 
-Public-data protocols (--gmi-public):
+Latent search (--gmi-search):
+  default    this repository's: logit loss, lambda 10, lr 0.002 per latent, 600 steps
+  published  GMI's code (AI-secure/GMI-Attack, attack.py): cross-entropy, lambda 100, lr 0.02 on the loss
+             averaged over one latent per attacked class, 1,500 iterations
+
+Public-data protocols (--gmi-public), all from the server's own data:
   test           the dataset's test split (no client holds it)                       [default]
   classes:5-9    only those classes of the test split; the attack targets the others (class-disjoint)
   fashion-mnist  another dataset's test split (--gmi-public-dir: its IDX folder)     (cross-dataset)
+Besides the chosen prior, a second GAN learns from classes 5-9 only and attacks 0-4 (--gmi-class-disjoint,
+on by default): the protocol GMI's papers use for MNIST, where the prior cannot simply hold the answer.
+Every result stands beside its no-attack baseline: the mean public image of each attacked class.
 """
+import argparse
 import copy
-import hashlib
 import math
-import json
 import os
 import time
 
 import numpy as np
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from src.client import autocast
+from src.attacks.base import Attack, Report
+from src.attacks.common import best_restart, descend, identity_loss
+from src.attacks.gan_prior import Z_DIM, load_or_train_gan
 from src.data import CHECKSUMS, NUM_CLASSES, load_dataset, to_tensor
 from src.plots import save_image_grid
-from src.utils import UserError, derive_seed, load_cached, resolve_precision, save_torch, state_digest
+from src.utils import UserError, autocast, derive_seed, resolve_precision
 
-Z_DIM = 100
-ARCH = 'dcgan28-v2'  # part of the cache key: change it when the networks change
-
-
-class Generator(nn.Module):
-    """z (100) -> FC 128x7x7 -> up 64x14x14 -> up 1x28x28, sigmoid: pixels in [0, 1] like the target's input."""
-
-    def __init__(self, z_dim=Z_DIM):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(z_dim, 128 * 7 * 7, bias=False), nn.BatchNorm1d(128 * 7 * 7), nn.ReLU(),
-            nn.Unflatten(1, (128, 7, 7)),
-            nn.ConvTranspose2d(128, 64, 4, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.ConvTranspose2d(64, 1, 4, 2, 1), nn.Sigmoid())
-
-    def forward(self, z):
-        return self.net(z)
+CLASS_DISJOINT = 'classes:5-9'  # GMI's MNIST split: the prior sees 5-9, the attack targets 0-4
+# identity-loss weight: GMI's 100 for cross-entropy; the logit loss is ~10x larger in size, and 10 measured
+# best (benchmarks/bench_gan_inversion.py)
+DEFAULT_LAMBDA = {'ce': 100.0, 'logit': 10.0}
+SEARCHES = {
+    'default': {'lr': 0.002, 'steps': 600, 'loss': 'logit', 'lambda': None, 'reduction': 'sum', 'clamp_start': True},
+    # GMI's inversion(): lr=2e-2, lamda=100, iter_times=1500, nn.CrossEntropyLoss and -D(fake).mean(), both
+    # averaged over a batch of one latent per identity, z ~ N(0, I) clamped only after each step
+    'published': {'lr': 0.02, 'steps': 1500, 'loss': 'ce', 'lambda': 100.0, 'reduction': 'mean', 'clamp_start': False},
+}
+SEARCH_FLAGS = {'lr': 'gmi_lr', 'steps': 'gmi_steps', 'loss': 'gmi_loss', 'lambda': 'gmi_lambda'}
 
 
-class Discriminator(nn.Module):
-    """28x28 -> conv 64 (14x14) -> conv 128 (7x7) -> one logit: "real" is high. No batch norm, so
-    D(G(z)) of one latent never depends on the others in the batch (the inversion prior is per image)."""
+# ---------------------------------------------------------------------------------------------- settings
 
-    def __init__(self):
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Conv2d(1, 64, 4, 2, 1), nn.LeakyReLU(0.2),
-            nn.Conv2d(64, 128, 4, 2, 1), nn.LeakyReLU(0.2),
-            nn.Flatten(), nn.Linear(128 * 7 * 7, 1))
+def search_settings(settings):
+    """The latent search's values: the named --gmi-search, with explicit flags overriding 'default' only."""
+    name = getattr(settings, 'gmi_search', 'default')
+    s = dict(SEARCHES[name], search=name)
+    if name == 'default':
+        s.update({k: getattr(settings, flag) for k, flag in SEARCH_FLAGS.items()
+                  if getattr(settings, flag, None) is not None})
+    if s['lambda'] is None:
+        s['lambda'] = DEFAULT_LAMBDA[s['loss']]
+    return s
 
-    def forward(self, x):
-        return self.net(x).squeeze(1)
-
-
-# ---------------------------------------------------------------------------------------------- public data
 
 def parse_classes(text):
     """'5-9' or '5,6,7' or '0-2,7' -> sorted list of class ids."""
@@ -85,343 +83,378 @@ def parse_classes(text):
     return sorted(classes)
 
 
-def public_data(target, spec='test', public_dir=None):
-    """(uint8 images the GAN learns from, protocol dict, classes the attack targets) for --gmi-public."""
-    data = target.data
+def public_data(view, spec='test', public_dir=None):
+    """The GAN's public data for --gmi-public: {'images': uint8 (N, 28, 28), 'labels': (N,) or None where they
+    name no class of the target's, 'protocol': dict, 'attacked': classes the attack targets}."""
+    # uint8, as the cache key hashes it: the view's pixels are bytes / 255, so this is exact
+    images = (view.public_x[:, 0] * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    labels = view.public_y.cpu().numpy()
     if spec == 'test':
-        return data.test_images, {
-            'name': 'test', 'description': f'{data.name} test split (held by no client)',
-            'num_images': int(len(data.test_images))}, list(range(NUM_CLASSES))
+        return {'images': images, 'labels': labels, 'attacked': list(range(NUM_CLASSES)), 'protocol': {
+            'name': 'test', 'description': f'{view.dataset} test split (held by no client)',
+            'num_images': int(len(images))}}
     if spec.startswith('classes:'):
         seen = parse_classes(spec[len('classes:'):])
-        keep = np.isin(data.test_labels, seen)
+        keep = np.isin(labels, seen)
         attacked = [c for c in range(NUM_CLASSES) if c not in seen]
-        return data.test_images[keep], {
-            'name': 'class-disjoint', 'description': f'{data.name} test split, classes {seen} only; '
+        return {'images': images[keep], 'labels': labels[keep], 'attacked': attacked, 'protocol': {
+            'name': 'class-disjoint', 'description': f'{view.dataset} test split, classes {seen} only; '
                                                      f'attacked classes {attacked} were never shown to the GAN',
-            'public_classes': seen, 'num_images': int(keep.sum())}, attacked
+            'public_classes': seen, 'num_images': int(keep.sum())}}
     if spec in CHECKSUMS:
-        if spec == data.name:
+        if spec == view.dataset:
             raise UserError(f"--gmi-public {spec} is the target's own dataset: use 'test' or 'classes:...' instead")
         other = load_dataset(spec, public_dir)
-        return other.test_images, {
-            'name': 'cross-dataset', 'description': f'{spec} test split (a different dataset from {data.name})',
-            'dataset': spec, 'num_images': int(len(other.test_images))}, list(range(NUM_CLASSES))
+        return {'images': other.test_images, 'labels': None, 'attacked': list(range(NUM_CLASSES)), 'protocol': {
+            'name': 'cross-dataset', 'description': f'{spec} test split (a different dataset from {view.dataset})',
+            'dataset': spec, 'num_images': int(len(other.test_images))}}
     raise UserError(f"--gmi-public {spec!r}: use 'test', 'classes:5-9' or another dataset "
-                    f"({', '.join(n for n in CHECKSUMS if n != data.name)})")
-
-
-# ---------------------------------------------------------------------------------------------- GAN training
-
-def train_gan(images, seed, steps, batch_size=64, lr=2e-4, precision='fp32', device='cpu', progress=True,
-              log_every=100):
-    """DCGAN (non-saturating loss, Adam(0.5, 0.999)) on uint8 images (N, 28, 28) for `steps` batches,
-    reshuffling every pass. A step budget (not epochs) keeps training time the same for any public-set size.
-
-    Returns (G, D, history): mean losses and D accuracies over each `log_every` steps. channels_last + bf16
-    autocast train ~2x faster than fp32 on AMX CPUs (benchmarks/bench_gan_inversion.py measures it).
-    """
-    device = torch.device(device)
-    torch.manual_seed(derive_seed(seed, 'gmi', 'init'))
-    G = Generator().to(device, memory_format=torch.channels_last).train()
-    D = Discriminator().to(device, memory_format=torch.channels_last).train()
-    opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.5, 0.999))
-    x = to_tensor(images, device).contiguous(memory_format=torch.channels_last)
-    n = len(x)
-    if n < 2:
-        raise UserError(f'the GAN public data has {n} images: need at least 2')
-    batch_size = min(batch_size, n)
-    gen = torch.Generator().manual_seed(derive_seed(seed, 'gmi', 'data'))
-    history = {'step': [], 'd_loss': [], 'g_loss': [], 'd_real_accuracy': [], 'd_fake_accuracy': []}
-    sums, count, order, pos = np.zeros(4), 0, None, n
-    for step in tqdm(range(1, steps + 1), desc='training GAN prior', unit='step', disable=not progress, leave=False):
-        if pos + batch_size > n:  # new pass; drop the ragged tail (batch norm wants full batches)
-            order, pos = torch.randperm(n, generator=gen).to(device), 0
-        real = x[order[pos:pos + batch_size]]
-        pos += batch_size
-        z = torch.randn(batch_size, Z_DIM, generator=gen).to(device)
-        with autocast(device, precision):
-            fake = G(z)
-            # real and fake in one pass: D has no batch norm, so this is exactly the two separate passes
-            d_real, d_fake = D(torch.cat([real, fake.detach()])).float().split(batch_size)
-            # softplus(-x) = -log sigmoid(x): the GAN's binary cross-entropy on logits
-            d_loss = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt_d.step()
-        D.requires_grad_(False)  # the generator's step needs gradients through D, not for its weights
-        with autocast(device, precision):
-            g_loss = F.softplus(-D(fake).float()).mean()  # non-saturating generator loss
-        opt_g.zero_grad(set_to_none=True)
-        g_loss.backward()
-        opt_g.step()
-        D.requires_grad_(True)
-        sums += [d_loss.item(), g_loss.item(), (d_real > 0).float().mean().item(), (d_fake < 0).float().mean().item()]
-        count += 1
-        if step % log_every == 0 or step == steps:
-            history['step'].append(step)
-            for key, value in zip(list(history)[1:], sums / count):
-                history[key].append(float(value))
-            sums, count = np.zeros(4), 0
-    return G.eval(), D.eval(), history
-
-
-def gan_cache_key(images, seed, steps, batch_size, lr, precision):
-    key = {'arch': ARCH, 'z_dim': Z_DIM, 'public_sha256': hashlib.sha256(np.ascontiguousarray(images)).hexdigest(),
-           'num_public': int(len(images)), 'seed': int(seed), 'steps': int(steps), 'batch_size': int(batch_size),
-           'lr': float(lr), 'precision': precision}
-    return key, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def load_or_train_gan(images, seed, steps, batch_size=64, lr=2e-4, precision='auto', device='cpu',
-                      cache_dir='cache', progress=True):
-    """(G, D, info): from `cache_dir` when a valid file for exactly this public data, seed and
-    hyper-parameters is there; else trained and cached. A cached file that fails to load, holds another
-    key or other shapes, or whose weights differ from their recorded digest is retrained, not trusted."""
-    device = torch.device(device)
-    precision = resolve_precision(precision, device)
-    key, digest = gan_cache_key(images, seed, steps, batch_size, lr, precision)
-    path = os.path.join(cache_dir, f'gmi_gan_{digest}.pt')
-    def restore(saved):
-        if saved['key'] != key:
-            raise UserError('it was trained for other data or settings')
-        if state_digest(saved['generator'], saved['discriminator']) != saved['weights_sha256']:
-            raise UserError('weights do not match their recorded digest')
-        G, D = Generator(), Discriminator()
-        G.load_state_dict(saved['generator'])
-        D.load_state_dict(saved['discriminator'])
-        info = {k: saved[k] for k in ('train_seconds', 'history', 'precision')}
-        return G.to(device).eval(), D.to(device).eval(), dict(info, cache_path=path, from_cache=True)
-
-    cached = load_cached(path, 'GAN', restore)
-    if cached is not None:
-        return cached
-
-    t0 = time.perf_counter()
-    G, D, history = train_gan(images, seed, steps, batch_size, lr, precision, device, progress)
-    train_seconds = time.perf_counter() - t0
-    g_state = {k: v.detach().cpu().contiguous() for k, v in G.state_dict().items()}
-    d_state = {k: v.detach().cpu().contiguous() for k, v in D.state_dict().items()}
-    save_torch({'key': key, 'generator': g_state, 'discriminator': d_state, 'train_seconds': train_seconds,
-                'history': history, 'precision': precision, 'weights_sha256': state_digest(g_state, d_state)}, path)
-    # plain contiguous fp32 copies: the trained modules are channels_last
-    G, D = Generator(), Discriminator()
-    G.load_state_dict(g_state)
-    D.load_state_dict(d_state)
-    info = {'train_seconds': train_seconds, 'history': history, 'precision': precision}
-    return G.to(device).eval(), D.to(device).eval(), dict(info, cache_path=path, from_cache=False)
+                    f"({', '.join(n for n in CHECKSUMS if n != view.dataset)})")
 
 
 # ---------------------------------------------------------------------------------------------- latent search
 
-# identity-loss weight: GMI's 100 for cross-entropy; the logit loss is ~10x larger in size, and 10 measured best
-# (benchmarks/bench_gan_inversion.py)
-DEFAULT_LAMBDA = {'ce': 100.0, 'logit': 10.0}
-
-
-def identity_loss(logits, classes, kind):
-    """Per-sample identity loss: cross-entropy (GMI) or the negative target logit (Nguyen et al. 2023)."""
-    if kind == 'ce':
-        return F.cross_entropy(logits, classes, reduction='none')
-    if kind == 'logit':
-        return -logits.gather(1, classes[:, None]).squeeze(1)
-    raise UserError(f"--gmi-loss {kind!r}: use 'ce' or 'logit'")
-
-
-def invert(G, D, model, classes, restarts=5, steps=600, lr=0.002, lam=10.0, loss='logit', seed=0,
-           clip=1.0, precision='auto', progress=True, z0=None):
+def invert(G, D, model, classes, restarts=5, steps=600, lr=0.002, lam=10.0, loss='logit', seed=0, clip=1.0,
+           precision='auto', progress=True, z0=None, loss_scale=1.0, clamp_start=True):
     """GMI latent search for every class in `classes`, `restarts` random starts each, as one batch.
 
     Each latent's objective depends only on its own image (G and D in eval mode, no batch norm in D), so
-    the summed loss gives every latent exactly its own gradient. SGD with Nesterov momentum 0.9 and z
-    clamped to [-clip, clip] after every step, as GMI's code does. The search runs on channels_last
-    copies of the networks under bf16 autocast where the hardware has it (~2x faster on AMX CPUs,
-    benchmarks/bench_gan_inversion.py); the returned confidences are computed in fp32.
+    common.descend's summed loss gives every latent exactly its own gradient, times loss_scale (GMI averages
+    over a batch of one latent per attacked class: loss_scale 1 / that number reproduces its steps). SGD with
+    Nesterov momentum 0.9, z clamped to [-clip, clip] after every step, as GMI's code does; clamp_start also
+    clamps the start. The search runs on channels_last copies of the networks under bf16 autocast where the
+    hardware has it (~2x faster on AMX CPUs); the returned confidences are computed in fp32.
     Returns images (C, R, 1, 28, 28), the target's softmax confidence for the class (C, R), z (C, R, Z) and
-    the confidence's logarithm (C, R), which still ranks restarts whose confidences all round to 1.
+    the confidence's logarithm (C, R), which still ranks restarts whose confidences all round to 1; a latent
+    that diverged has a black image and log-confidence -inf, so it is never picked.
     """
     device = next(G.parameters()).device
     precision = resolve_precision(precision, device)
     classes = torch.as_tensor(classes, dtype=torch.long)
     n_classes = len(classes)
     target = classes.repeat_interleave(restarts).to(device)
-    if z0 is None:  # GMI draws z ~ N(0, I) and clamps it
+    if z0 is None:  # GMI draws z ~ N(0, I)
         z0 = torch.randn(n_classes * restarts, Z_DIM, generator=torch.Generator().manual_seed(
             derive_seed(seed, 'gmi', 'latents')))
-    z = z0.clone().clamp_(-clip, clip).to(device).requires_grad_()
+    z0 = z0.to(device).clamp(-clip, clip) if clamp_start else z0.to(device)
     # frozen channels_last copies: the caller's modules (the target model above all) stay untouched
     G_, D_, T_ = (copy.deepcopy(m).eval().requires_grad_(False).to(memory_format=torch.channels_last)
                   for m in (G, D, model))
-    opt = torch.optim.SGD([z], lr=lr, momentum=0.9, nesterov=True)
-    bar = tqdm(range(steps), desc=f'GMI latent search ({n_classes} classes x {restarts} restarts)',
-               unit='step', disable=not progress, leave=False)
-    failed = torch.zeros(len(target), dtype=torch.bool, device=device)
-    for step in bar:
+
+    def objective(z, step):
         with autocast(device, precision):
             fake = G_(z).contiguous(memory_format=torch.channels_last)
             prior = -D_(fake).float()
             iden = identity_loss(T_(fake).float(), target, loss)
-        objective = (prior.reshape(-1) + lam * iden.reshape(-1))
-        bad = ~torch.isfinite(objective)  # a diverged latent must not poison the others' steps
-        failed |= bad
-        opt.zero_grad(set_to_none=True)
-        objective.masked_fill(bad, 0).sum().backward()
-        z.grad.nan_to_num_(0.0, 0.0, 0.0)
-        opt.step()
-        with torch.no_grad():
-            z.clamp_(-clip, clip)
-        if step % 50 == 0:
-            bar.set_postfix(prior=f'{prior.mean().item():.2f}', identity=f'{iden.mean().item():.3f}', refresh=False)
+        return loss_scale * (prior + lam * iden)
+
+    z, failed = descend(z0, objective, steps, lr, optimizer='sgd-nesterov', bounds=(-clip, clip),
+                        progress=f'GMI latent search ({n_classes} classes x {restarts} restarts)' if progress else None)
     with torch.no_grad():
         images = G(z)
         # log-probabilities: confidences of 1 - 1e-9 all round to 1.0 but must still rank the restarts
-        log_conf = model(images).log_softmax(1).gather(1, target[:, None]).squeeze(1)
-    # a diverged latent is reported as failed (confidence 0, black image), never picked as best
+        log_conf = model(images).float().log_softmax(1).gather(1, target[:, None]).squeeze(1)
     failed |= ~torch.isfinite(log_conf) | ~torch.isfinite(images).flatten(1).all(1)
     images = images.masked_fill(failed[:, None, None, None], 0)
     log_conf = log_conf.masked_fill(failed, -math.inf)
     return (images.reshape(n_classes, restarts, 1, 28, 28), log_conf.exp().reshape(n_classes, restarts),
-            z.detach().reshape(n_classes, restarts, Z_DIM), log_conf.reshape(n_classes, restarts))
+            z.reshape(n_classes, restarts, Z_DIM), log_conf.reshape(n_classes, restarts))
 
 
 # ---------------------------------------------------------------------------------------------- the attack
 
-def add_arguments(parser):
-    g = parser.add_argument_group('gan_inversion', 'GAN-based model inversion (GMI, Zhang et al. 2020)')
-    g.add_argument('--gmi-public', default='test',
-                   help="the server's own data for the GAN prior: 'test' (test split, default), 'classes:5-9' "
-                        "(class-disjoint: only those classes; the others are attacked) or another dataset "
-                        "('fashion-mnist' / 'mnist', its test split)")
-    g.add_argument('--gmi-public-dir', default=None, help='IDX folder of the other dataset for --gmi-public <dataset>')
-    g.add_argument('--gmi-gan-steps', type=int, default=3000, help='GAN training steps (batches)')
-    g.add_argument('--gmi-batch-size', type=int, default=64)
-    g.add_argument('--gmi-gan-lr', type=float, default=2e-4)
-    g.add_argument('--gmi-precision', default='auto', choices=['auto', 'bf16', 'fp32'],
-                   help='GAN training precision (auto: bf16 autocast where the hardware has it)')
-    g.add_argument('--gmi-restarts', type=int, default=5, help='random latent starts per class')
-    g.add_argument('--gmi-steps', type=int, default=600, help='latent-search steps')
-    g.add_argument('--gmi-lr', type=float, default=0.002,
-                   help='latent-search learning rate (SGD, Nesterov 0.9; per latent, on the summed loss)')
-    g.add_argument('--gmi-lambda', type=float, default=None,
-                   help='weight of the identity loss against the prior (default: 100 for ce as in GMI, 10 for logit, '
-                        'whose values are larger)')
-    g.add_argument('--gmi-loss', default='logit', choices=['ce', 'logit'],
-                   help="identity loss: 'logit' (negative target logit, Nguyen et al. 2023; default, stronger) or "
-                        "'ce' (cross-entropy, GMI's original, which saturates once the target is sure)")
+class GanInversion(Attack):
+    name = 'gan'
+    key = 'gan_inversion'
+    title = 'GAN-based model inversion (GMI, Zhang et al. 2020)'
+    figures = ('gan_inversion_all.png', 'gan_samples.png')
+    headline = (('attack_accuracy', 'attack accuracy (best restart)', 'fraction'),
+                ('attack_accuracy_all_restarts', 'attack accuracy (all restarts)', 'fraction'),
+                ('no_attack_baseline.attack_accuracy', 'no attack: public class means', 'fraction'),
+                ('class_disjoint.best_restart.attack_accuracy', 'class-disjoint: attack accuracy, classes 0-4',
+                 'fraction'),
+                ('class_disjoint.no_attack_baseline.attack_accuracy', 'class-disjoint: no attack', 'fraction'),
+                ('knn_feature_distance', 'KNN feature distance', 'number'))
+
+    def add_arguments(self, parser):
+        g = parser.add_argument_group('gan_inversion', self.title)
+        g.add_argument('--gmi-public', default='test',
+                       help="the server's own data for the GAN prior: 'test' (test split, default), 'classes:5-9' "
+                            "(class-disjoint: only those classes; the others are attacked) or another dataset "
+                            "('fashion-mnist' / 'mnist', its test split)")
+        g.add_argument('--gmi-public-dir', default=None,
+                       help='IDX folder of the other dataset for --gmi-public <dataset>')
+        g.add_argument('--gmi-class-disjoint', action=argparse.BooleanOptionalAction, default=True,
+                       help="also attack classes 0-4 with a second GAN that learns from public classes 5-9 only "
+                            "(GMI's MNIST protocol; with --gmi-public classes:... that run is reused)")
+        g.add_argument('--gmi-gan-steps', type=int, default=3000, help='GAN training steps (batches)')
+        g.add_argument('--gmi-batch-size', type=int, default=64)
+        g.add_argument('--gmi-gan-lr', type=float, default=2e-4)
+        g.add_argument('--gmi-precision', default='auto', choices=['auto', 'bf16', 'fp32'],
+                       help='GAN training and latent-search precision (auto: bf16 autocast where the hardware has it)')
+        g.add_argument('--gmi-restarts', type=int, default=5, help='random latent starts per class')
+        g.add_argument('--gmi-search', default='default', choices=list(SEARCHES),
+                       help="latent search: 'default' (logit loss, lambda 10, lr 0.002 per latent, 600 steps) or "
+                            "'published' (GMI's code: cross-entropy, lambda 100, lr 0.02 on the loss averaged over "
+                            "the attacked classes, 1,500 steps; it fixes the four flags below)")
+        g.add_argument('--gmi-steps', type=int, default=None, help='latent-search steps (default 600)')
+        g.add_argument('--gmi-lr', type=float, default=None,
+                       help='latent-search learning rate (SGD, Nesterov 0.9; per latent, on the summed loss; '
+                            'default 0.002)')
+        g.add_argument('--gmi-lambda', type=float, default=None,
+                       help='weight of the identity loss against the prior (default: 100 for ce, 10 for logit, '
+                            'whose values are larger)')
+        g.add_argument('--gmi-loss', default=None, choices=['ce', 'logit'],
+                       help="identity loss: 'logit' (negative target logit, Nguyen et al. 2023; default, stronger) "
+                            "or 'ce' (cross-entropy, GMI's, which saturates once the target is sure)")
+
+    def check(self, settings):
+        if getattr(settings, 'gmi_search', 'default') == 'published':
+            given = [f"--{flag.replace('_', '-')}" for flag in SEARCH_FLAGS.values()
+                     if getattr(settings, flag, None) is not None]
+            if given:
+                raise UserError(f"--gmi-search published fixes GMI's lr 0.02, 1500 steps, lambda 100 and the ce "
+                                f"loss: drop {', '.join(given)} or use --gmi-search default")
+        for name in ('gmi_gan_steps', 'gmi_batch_size', 'gmi_restarts', 'gmi_steps'):
+            if getattr(settings, name, None) is not None and getattr(settings, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ('gmi_gan_lr', 'gmi_lr'):
+            if getattr(settings, name, None) is not None and not getattr(settings, name) > 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive")
+        if getattr(settings, 'gmi_lambda', None) is not None and not settings.gmi_lambda >= 0:
+            raise UserError('--gmi-lambda must be >= 0')
+        spec = settings.gmi_public
+        if spec.startswith('classes:'):
+            parse_classes(spec[len('classes:'):])
+        elif spec != 'test' and spec not in CHECKSUMS:
+            raise UserError(f"--gmi-public {spec!r}: use 'test', 'classes:5-9' or another dataset "
+                            f"({', '.join(CHECKSUMS)})")
+
+    def run(self, view, settings):
+        """Both GANs and their latent searches, from the server's view alone (its model and public data)."""
+        self.check(settings)
+        search = search_settings(settings)
+        spec = settings.gmi_public
+        main = self._attack(view, settings, search, public_data(view, spec, settings.gmi_public_dir))
+        disjoint = None
+        if getattr(settings, 'gmi_class_disjoint', True):
+            # the chosen prior is class-disjoint already: the same GAN and latents would repeat that run
+            disjoint = 'main' if spec.startswith('classes:') else self._attack(
+                view, settings, search, public_data(view, CLASS_DISJOINT))
+        return {'search': search, 'main': main, 'class_disjoint': disjoint}
+
+    def _attack(self, view, settings, search, public):
+        """One GAN prior (trained or cached) and the latent search of all classes x restarts with it."""
+        device, seed, R = view.device, settings.seed, settings.gmi_restarts
+        tqdm.write(f"GMI: generative prior learned from {public['protocol']['description']} "
+                   f"({public['protocol']['num_images']} images)")
+        G, D, gan = load_or_train_gan(public['images'], seed, settings.gmi_gan_steps, settings.gmi_batch_size,
+                                      settings.gmi_gan_lr, settings.gmi_precision, device, view.cache_dir)
+        tqdm.write(f"GMI: GAN {'loaded from ' + gan['cache_path'] if gan['from_cache'] else 'trained'} "
+                   f"(training took {gan['train_seconds']:.0f} s)")
+        with torch.no_grad():
+            z = torch.randn(40, Z_DIM, generator=torch.Generator().manual_seed(derive_seed(seed, 'gmi', 'samples')))
+            samples = G(z.to(device)).cpu().numpy()[:, 0]
+        classes = list(range(NUM_CLASSES))  # invert every class; the headline numbers cover the attacked ones
+        t0 = time.perf_counter()
+        images, conf, _, log_conf = invert(
+            G, D, view.model, classes, R, search['steps'], search['lr'], search['lambda'], search['loss'], seed,
+            precision=settings.gmi_precision, clamp_start=search['clamp_start'],
+            loss_scale=1 / len(public['attacked']) if search['reduction'] == 'mean' else 1.0)
+        return {'public': public, 'attacked': public['attacked'], 'protocol': public['protocol'], 'gan': gan,
+                'samples': samples, 'classes': classes, 'images': images, 'conf': conf, 'log_conf': log_conf,
+                'inversion_seconds': time.perf_counter() - t0}
+
+    def score(self, result, private, truth, view, settings, out_dir):
+        """Both evaluators judge every inversion and its no-attack baseline against the clients' data."""
+        from src.evaluation import load_evaluators  # scoring only: run() must work without the evaluators
+        evaluators = load_evaluators(private.dataset, settings.seed, view.cache_dir, view.device)
+        px, py = private.clients()
+        main, search, R = result['main'], result['search'], settings.gmi_restarts
+        s = score_run(main, evaluators, px, py, view.model)
+        cd = result['class_disjoint']
+        d = s if cd == 'main' else score_run(cd, evaluators, px, py, view.model) if cd else None
+        b, a, n = s['overall']['best_restart'], s['overall']['all_restarts'], s['baseline']
+        disjoint = disjoint_metrics(cd if cd != 'main' else main, d, reused=cd == 'main')
+        disjoint_text = '' if d is None else (
+            f"; class-disjoint (GAN saw {_span(disjoint['public_classes'])}, attacks "
+            f"{_span(disjoint['attacked_classes'])}): {disjoint['best_restart']['attack_accuracy']:.3f} vs "
+            f"{disjoint['no_attack_baseline']['attack_accuracy']:.3f} with no attack")
+        metrics = {
+            'summary': (f"attack accuracy {b['attack_accuracy']:.3f} (best restart per class), "
+                        f"{a['attack_accuracy']:.3f} (all {R} restarts), both evaluators agreeing, vs "
+                        f"{n['attack_accuracy']:.3f} with no attack (public class means){disjoint_text}; KNN distance "
+                        f"to private images {_fmt(b['knn_feature_distance'])} (features) / "
+                        f"{_fmt(b['knn_pixel_distance'])} (pixels); prior: {main['protocol']['name']}; "
+                        f"search: {search['search']}"),
+            'attack_accuracy': b['attack_accuracy'], 'attack_accuracy_all_restarts': a['attack_accuracy'],
+            'eval_confidence': b['eval_confidence'], 'knn_feature_distance': b['knn_feature_distance'],
+            'knn_pixel_distance': b['knn_pixel_distance'],
+            'no_attack_baseline': n, 'class_disjoint': disjoint,
+            'public_data': main['protocol'], 'attacked_classes': main['attacked'],
+            'overall': s['overall'], 'per_class': s['per_class'],
+            'gan_train_seconds': main['gan']['train_seconds'], 'gan_from_cache': main['gan']['from_cache'],
+            'inversion_seconds': main['inversion_seconds'],
+            'n_failed': int(torch.isinf(main['log_conf']).sum()),  # diverged latents (none is used as a result)
+            'gan': {'cache_path': main['gan']['cache_path'], 'precision': main['gan']['precision'],
+                    'steps': settings.gmi_gan_steps, 'batch_size': settings.gmi_batch_size, 'lr': settings.gmi_gan_lr,
+                    'loss': 'DCGAN non-saturating', 'final_d_loss': main['gan']['history']['d_loss'][-1],
+                    'final_g_loss': main['gan']['history']['g_loss'][-1]},
+            'settings': {'search': search['search'], 'identity_loss': search['loss'], 'restarts': R,
+                         'steps': search['steps'], 'lr': search['lr'], 'lambda': search['lambda'],
+                         'loss_reduction': ('sum over latents' if search['reduction'] == 'sum' else
+                                            'mean over one latent per attacked class (GMI)'),
+                         'optimizer': 'SGD, Nesterov momentum 0.9', 'z_range': [-1, 1],
+                         'z_start': 'N(0, I), clamped' if search['clamp_start'] else 'N(0, I)',
+                         'precision': resolve_precision(settings.gmi_precision, view.device),
+                         'best_restart_by': "the target model's log-confidence",
+                         'class_disjoint': bool(cd)},
+            'evaluators': evaluators.info,
+            'eval_classifier': {k: evaluators.info['primary'].get(k) for k in ('test_accuracy', 'from_cache',
+                                                                               'cache_path')},
+            'seed': settings.seed,
+            'threat_model': {
+                'attacker': 'honest-but-curious server',
+                'knows': 'white-box final global model, and its own public data for the GAN prior: '
+                         + main['protocol']['description'] + (
+                             f"; for the class-disjoint protocol {cd['protocol']['description']}"
+                             if isinstance(cd, dict) else ''),
+                'does_not_know': "any client's training data or updates",
+                'scoring_only': "the clients' private training images (KNN distance) and two independent "
+                                'evaluation classifiers of different families, trained centrally on the training '
+                                'split'},
+        }
+        write_figures(out_dir, main, s, cd if isinstance(cd, dict) else None, d if isinstance(cd, dict) else None,
+                      search)
+        arrays = {'best_images': s['best_images'],                                                 # (10, 28, 28)
+                  'all_restarts': main['images'].cpu().numpy()[:, :, 0].astype(np.float32),        # (10, R, 28, 28)
+                  'target_confidence_all': main['conf'].cpu().numpy().astype(np.float32),          # (10, R)
+                  'eval_predictions_all': s['predictions'][0], 'second_predictions_all': s['predictions'][1],
+                  'no_attack_baseline': s['baseline_images'],                                      # (attacked, 28, 28)
+                  'gan_samples': main['samples'].astype(np.float32)}                               # (40, 28, 28)
+        if isinstance(cd, dict):
+            arrays.update(class_disjoint_best_images=d['best_images'],
+                          class_disjoint_no_attack_baseline=d['baseline_images'])
+        return Report(metrics, arrays)
 
 
-def check_args(args):
-    for name in ('gmi_gan_steps', 'gmi_batch_size', 'gmi_restarts', 'gmi_steps'):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ('gmi_gan_lr', 'gmi_lr'):
-        if not getattr(args, name) > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive")
-    if args.gmi_lambda is not None and args.gmi_lambda < 0:
-        raise UserError('--gmi-lambda must be >= 0')
+# ---------------------------------------------------------------------------------------------- scoring
+
+PER_IMAGE = ('eval_prediction', 'eval_confidence', 'second_prediction', 'second_confidence', 'correct',
+             'knn_feature_distance', 'knn_pixel_distance')
 
 
-def summarise(per_image, mask, target_confidence):
-    """Means over the selected images of the evaluation classifier's scores (JSON-able)."""
-    pred, cls = np.asarray(per_image['eval_prediction'])[mask], np.asarray(per_image['target_class'])[mask]
-    mean = lambda k: float(np.nanmean(np.asarray(per_image[k], dtype=float)[mask]))  # noqa: E731 (None -> nan)
-    return {'attack_accuracy': float((pred == cls).mean()), 'eval_confidence': mean('eval_confidence'),
-            'knn_feature_distance': mean('knn_feature_distance'), 'knn_pixel_distance': mean('knn_pixel_distance'),
-            'target_confidence': float(np.asarray(target_confidence)[mask].mean()), 'count': int(mask.sum())}
+def _plain(v):
+    return v.item() if hasattr(v, 'item') else v  # numpy scalars -> JSON-able Python values
 
 
-def run(target, args, out_dir):
-    from src.evaluation import load_or_train_eval_classifier, private_data, score_inversions
-    check_args(args)
-    started = time.perf_counter()
-    device, seed, R = target.device, args.seed, args.gmi_restarts
-    lam = DEFAULT_LAMBDA[args.gmi_loss] if args.gmi_lambda is None else args.gmi_lambda
-    cache_dir = getattr(args, 'cache_dir', 'cache')
-    images, protocol, attacked = public_data(target, args.gmi_public, args.gmi_public_dir)
-    tqdm.write(f"GMI: generative prior learned from {protocol['description']} ({protocol['num_images']} images)")
+def _fmt(v, spec='.2f'):
+    return 'n/a' if v is None else format(v, spec)
 
-    G, D, gan = load_or_train_gan(images, seed, args.gmi_gan_steps, args.gmi_batch_size, args.gmi_gan_lr,
-                                  args.gmi_precision, device, cache_dir)
-    tqdm.write(f"GMI: GAN {'loaded from ' + gan['cache_path'] if gan['from_cache'] else 'trained'} "
-               f"(training took {gan['train_seconds']:.0f} s)")
-    with torch.no_grad():
-        z = torch.randn(40, Z_DIM, generator=torch.Generator().manual_seed(derive_seed(seed, 'gmi', 'samples')))
-        samples = G(z.to(device)).cpu().numpy()[:, 0]
-    save_image_grid(os.path.join(out_dir, 'gan_samples.png'), [list(samples[r * 10:(r + 1) * 10]) for r in range(4)],
-                    suptitle=f"GAN prior, unconditioned samples ({protocol['description']})")
 
-    classes = list(range(NUM_CLASSES))  # invert every class; the headline numbers cover the attacked ones
-    t0 = time.perf_counter()
-    inv, conf, _, log_conf = invert(G, D, target.model, classes, R, args.gmi_steps, args.gmi_lr, lam,
-                                    args.gmi_loss, seed)
-    inversion_seconds = time.perf_counter() - t0
+def _span(classes):
+    return f'{classes[0]}-{classes[-1]}' if classes == list(range(classes[0], classes[-1] + 1)) else str(classes)
 
-    eval_model, eval_info = load_or_train_eval_classifier(target.data, seed, cache_dir, device)
-    px, py = private_data(target)
-    score = score_inversions(eval_model, inv.reshape(-1, 1, 28, 28), np.repeat(classes, R), px, py)['per_image']
-    best = log_conf.argmax(1).cpu().numpy()  # GMI: per class, the restart the TARGET is most confident about
-    is_best = np.zeros((NUM_CLASSES, R), bool)
-    is_best[classes, best] = True
-    is_best = is_best.ravel()
-    is_attacked = np.isin(np.repeat(classes, R), attacked)
-    target_conf = conf.cpu().numpy().ravel()
+
+def score_run(run, evaluators, px, py, model):
+    """One GAN's inversions and their no-attack baseline, scored alike by evaluation.score_inversions and
+    summarise: the headline covers the attacked classes; the best restart is the target's choice."""
+    from src.evaluation import class_mean_images, score_inversions, summarise
+    classes, attacked = run['classes'], run['attacked']
+    C, R = run['images'].shape[:2]
+    flat = np.repeat(classes, R)
+    per_image = score_inversions(evaluators, run['images'].reshape(-1, 1, 28, 28), flat, px, py)['per_image']
+    best = best_restart(run['log_conf'].cpu()).numpy()
+    is_best = np.zeros((C, R), bool)
+    is_best[np.arange(C), best] = True
+    is_best, is_attacked = is_best.ravel(), np.isin(flat, attacked)
+    conf = run['conf'].cpu().numpy().ravel()
     overall = {
-        'best_restart': dict(summarise(score, is_best & is_attacked, target_conf),
+        'best_restart': dict(summarise(per_image, is_best & is_attacked, conf),
                              protocol="GMI's: per class, the restart the target model is most confident about"),
-        'all_restarts': dict(summarise(score, is_attacked, target_conf),
-                             protocol='later papers\': every restart of every attacked class, averaged')}
-    if len(attacked) < NUM_CLASSES:  # class-disjoint: the classes the GAN saw, for contrast
-        overall['public_classes_best_restart'] = summarise(score, is_best & ~is_attacked, target_conf)
-    per_class = {str(c): dict({k: score[k][c * R + best[c]] for k in
-                               ('eval_prediction', 'eval_confidence', 'knn_feature_distance', 'knn_pixel_distance')},
-                              target_confidence=float(conf[c, best[c]]), best_restart_index=int(best[c]),
-                              attack_accuracy_all_restarts=float(np.mean(
-                                  np.asarray(score['eval_prediction'][c * R:(c + 1) * R]) == c)),
-                              attacked=c in attacked)
-                 for c in classes}
-    b, a = overall['best_restart'], overall['all_restarts']
-    metrics = {
-        'summary': (f"evaluation-classifier attack accuracy {b['attack_accuracy']:.3f} (best restart per class), "
-                    f"{a['attack_accuracy']:.3f} (all {R} restarts); KNN distance to private images "
-                    f"{b['knn_feature_distance']:.2f} (eval features) / {b['knn_pixel_distance']:.2f} (pixels); "
-                    f"prior: {protocol['name']}"),
-        'attack_accuracy': b['attack_accuracy'], 'attack_accuracy_all_restarts': a['attack_accuracy'],
-        'eval_confidence': b['eval_confidence'], 'knn_feature_distance': b['knn_feature_distance'],
-        'knn_pixel_distance': b['knn_pixel_distance'],
-        'public_data': protocol, 'attacked_classes': attacked,
-        'overall': overall, 'per_class': per_class,
-        'gan_train_seconds': gan['train_seconds'], 'gan_from_cache': gan['from_cache'],
-        'inversion_seconds': inversion_seconds,
-        'n_failed': int(torch.isinf(log_conf).sum()),  # diverged latents (none is used as a result)
-        'gan': {'cache_path': gan['cache_path'], 'precision': gan['precision'], 'steps': args.gmi_gan_steps,
-                'batch_size': args.gmi_batch_size, 'lr': args.gmi_gan_lr, 'loss': 'DCGAN non-saturating',
-                'final_d_loss': gan['history']['d_loss'][-1], 'final_g_loss': gan['history']['g_loss'][-1]},
-        'settings': {'identity_loss': args.gmi_loss, 'restarts': R, 'steps': args.gmi_steps, 'lr': args.gmi_lr,
-                     'lambda': lam, 'optimizer': 'SGD, Nesterov momentum 0.9', 'z_range': [-1, 1]},
-        'eval_classifier': {k: eval_info[k] for k in ('test_accuracy', 'from_cache', 'cache_path')},
-        'seed': seed,
-        'seconds': None,
-        'threat_model': {
-            'attacker': 'honest-but-curious server',
-            'knows': 'white-box final global model, and its own public data for the GAN prior: '
-                     + protocol['description'],
-            'does_not_know': "any client's training data or updates",
-            'scoring_only': "the clients' private training images (KNN distance) and an independent "
-                            'evaluation classifier trained centrally on the training split'},
-    }
+        'all_restarts': dict(summarise(per_image, is_attacked, conf),
+                             protocol="later papers': every restart of every attacked class, averaged")}
+    if len(attacked) < C:  # class-disjoint: the classes the GAN saw, for contrast
+        overall['public_classes_best_restart'] = summarise(per_image, is_best & ~is_attacked, conf)
+    correct = np.asarray(per_image['correct'], bool).reshape(C, R)
+    per_class = {str(c): dict({k: _plain(per_image[k][j * R + best[j]]) for k in PER_IMAGE},
+                              target_confidence=float(conf[j * R + best[j]]), best_restart_index=int(best[j]),
+                              attack_accuracy_all_restarts=float(correct[j].mean()), attacked=c in attacked)
+                 for j, c in enumerate(classes)}
 
-    titles = [[f"{c}{'' if c in attacked else ' (public)'}\neval: {score['eval_prediction'][c * R + best[c]]} "
-               f"({score['eval_confidence'][c * R + best[c]]:.2f})" for c in classes]]
-    best_images = inv[torch.arange(NUM_CLASSES), torch.from_numpy(best)].cpu().numpy()[:, 0]
-    save_image_grid(os.path.join(out_dir, 'gan_inversion_all.png'), [list(best_images)], titles,
-                    suptitle=f"GMI ({args.gmi_loss} identity loss, prior: {protocol['name']}), best of {R} restarts "
-                             f"by target confidence; label: evaluation classifier's prediction (its confidence for "
-                             f"the target class)")
-    metrics['seconds'] = time.perf_counter() - started
-    arrays = {'best_images': best_images.astype(np.float32),                                  # (10, 28, 28)
-              'all_restarts': inv.cpu().numpy()[:, :, 0].astype(np.float32),                  # (10, R, 28, 28)
-              'target_confidence_all': conf.cpu().numpy().astype(np.float32),                 # (10, R)
-              'eval_predictions_all': np.asarray(score['eval_prediction'], np.int64).reshape(NUM_CLASSES, R),
-              'gan_samples': samples.astype(np.float32)}                                      # (40, 28, 28)
-    return metrics, arrays
+    # no attack: the mean public image of each attacked class, scored exactly like the inversions. Where the
+    # public labels name no class of the target's (another dataset), every class gets the mean of all images.
+    public, device = run['public'], px.device
+    pub_y = public['labels'] if public['labels'] is not None else np.full(len(public['images']), -1)
+    base = class_mean_images(to_tensor(public['images'], device),
+                             torch.as_tensor(pub_y, dtype=torch.long, device=device), attacked)
+    with torch.no_grad():
+        base_conf = model(base.to(device)).float().softmax(1).gather(
+            1, torch.as_tensor(attacked, device=device)[:, None]).squeeze(1)
+    base_scores = score_inversions(evaluators, base, attacked, px, py)['per_image']
+    baseline = dict(summarise(base_scores, np.ones(len(attacked), bool), base_conf.cpu().numpy()),
+                    protocol="no attack: each attacked class's mean image of the GAN's public data",
+                    per_class={str(c): {k: _plain(base_scores[k][i]) for k in PER_IMAGE}
+                               for i, c in enumerate(attacked)})
+    best_images = run['images'][torch.arange(C), torch.from_numpy(best)].cpu().numpy()[:, 0].astype(np.float32)
+    return {'overall': overall, 'per_class': per_class, 'baseline': baseline, 'best': best, 'per_image': per_image,
+            'best_images': best_images, 'baseline_images': base.cpu().numpy()[:, 0].astype(np.float32),
+            'baseline_per_image': base_scores,
+            'predictions': tuple(np.asarray(per_image[k], np.int64).reshape(C, R)
+                                 for k in ('eval_prediction', 'second_prediction'))}
+
+
+def disjoint_metrics(run, scored, reused):
+    """metrics['class_disjoint']; the same keys (as None) when it did not run, for the declared headline."""
+    if scored is None:
+        return {'protocol': 'not run (--no-gmi-class-disjoint)', 'best_restart': {'attack_accuracy': None},
+                'all_restarts': {'attack_accuracy': None}, 'no_attack_baseline': {'attack_accuracy': None}}
+    attacked = run['attacked']
+    return {
+        'protocol': ("GMI's MNIST protocol: a GAN that learns from the public classes "
+                     f"{run['protocol']['public_classes']} only; the attack targets {attacked}"
+                     + (' (the --gmi-public run itself)' if reused else '')),
+        'attacked_classes': attacked, 'public_classes': run['protocol']['public_classes'],
+        'best_restart': scored['overall']['best_restart'], 'all_restarts': scored['overall']['all_restarts'],
+        'public_classes_best_restart': scored['overall'].get('public_classes_best_restart'),
+        'no_attack_baseline': scored['baseline'],
+        'per_class': {str(c): scored['per_class'][str(c)] for c in attacked},
+        'gan_train_seconds': run['gan']['train_seconds'], 'gan_from_cache': run['gan']['from_cache'],
+        'gan_cache_path': run['gan']['cache_path'], 'inversion_seconds': run['inversion_seconds'],
+        'n_failed': int(torch.isinf(run['log_conf']).sum()), 'reused_main_run': reused}
+
+
+def write_figures(out_dir, main, s, cd, d, search):
+    """gan_inversion_all.png: the best restart per class under each prior, each beside its no-attack row;
+    gan_samples.png: unconditioned samples of each GAN."""
+    def rows_for(run, scored, label):
+        attacked, per_image = run['attacked'], scored['per_image']
+        titles = []
+        for j, c in enumerate(run['classes']):
+            i = j * run['images'].shape[1] + scored['best'][j]
+            titles.append(f"{c}{'' if c in attacked else ' (public)'}\n"
+                          f"{per_image['eval_prediction'][i]}/{per_image['second_prediction'][i]} "
+                          f"({per_image['eval_confidence'][i]:.2f})")
+        base, bp = dict(zip(attacked, scored['baseline_images'])), scored['baseline_per_image']
+        base_titles = {c: f"{bp['eval_prediction'][i]}/{bp['second_prediction'][i]} ({bp['eval_confidence'][i]:.2f})"
+                       for i, c in enumerate(attacked)}
+        return ([list(scored['best_images']), [base.get(c) for c in run['classes']]],
+                [titles, [base_titles.get(c, '') for c in run['classes']]],
+                [label, 'no attack:\nclass mean'])
+
+    rows, titles, labels = rows_for(main, s, f"GMI\n({main['protocol']['name']})")
+    if cd is not None:
+        more = rows_for(cd, d, 'GMI, GAN\nsaw 5-9')
+        rows, titles, labels = rows + more[0], titles + more[1], labels + more[2]
+    save_image_grid(os.path.join(out_dir, 'gan_inversion_all.png'), rows, titles, labels,
+                    suptitle=f"GMI ({search['search']} search, {search['loss']} identity loss), best restart per class "
+                             "by target confidence; label: the two evaluators' predictions (primary's confidence "
+                             "for the target class)")
+    grids = [(main, f"prior: {main['protocol']['name']}")] + ([(cd, 'GAN saw 5-9')] if cd is not None else [])
+    sample_rows, sample_labels = [], []
+    for run, label in grids:
+        n = 4 if run is main else 2
+        sample_rows += [list(run['samples'][r * 10:(r + 1) * 10]) for r in range(n)]
+        sample_labels += [label] + [''] * (n - 1)
+    save_image_grid(os.path.join(out_dir, 'gan_samples.png'), sample_rows, row_labels=sample_labels,
+                    suptitle='GAN priors, unconditioned samples (row label: the public data it learnt from)')
