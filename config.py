@@ -21,6 +21,7 @@ CONFIG = {
     'seed': 0,
     'device': 'auto',               # 'auto' | 'cpu' | 'cuda' | 'cuda:N'
     'precision': 'auto',            # 'auto' (bf16 where the hardware has it) | 'bf16' | 'fp32'
+    'trainer': 'auto',              # 'auto' (batched on CUDA, else sequential) | 'sequential' | 'batched'
     # defenses (all off by default; they compose)
     'dp_noise_multiplier': 0.0,     # DP-SGD (Opacus) on every client: noise std / clipping bound; 0 = off
     'dp_max_grad_norm': 1.0,        # DP-SGD per-sample clipping bound
@@ -29,6 +30,13 @@ CONFIG = {
     'update_noise': 0.0,            # Gaussian noise on the clipped update, std = update_noise * update_clip
     'keep_fraction': 1.0,           # prune each update tensor to this top fraction by magnitude; 1 = off
     'secure_aggregation': False,    # the server learns only the round's aggregate (weighted mean) update
+    # a malicious server (src/malicious.py): on malicious_rounds it sends a crafted model, records the
+    # updates and does not aggregate them; clients may check what they receive (client_verify)
+    'server': 'honest',             # 'honest' | 'malicious'
+    'malicious_attack': 'imprint',  # 'imprint' (extra block) | 'loki' (per-client bins) | 'fc1' (agreed architecture)
+    'malicious_rounds': '1',        # round numbers '3,7' on which the malicious server crafts the model
+    'malicious_bins': 16000,        # imprint: units of the crafted block; loki: units per client (block: x clients)
+    'client_verify': False,         # clients refuse a model that is not the agreed architecture or looks crafted
     # what the honest-but-curious server keeps: 'all', 'none', or round numbers '1,5,10'
     'capture_rounds': 'all',
     'output_dir': '.',

@@ -29,6 +29,9 @@ def parse_args(argv=None):
     p.add_argument('--device', help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     p.add_argument('--precision', choices=['auto', 'bf16', 'fp32'],
                    help='bf16 autocast for local training (auto: where the hardware supports it)')
+    p.add_argument('--trainer', choices=['auto', 'sequential', 'batched'],
+                   help="'batched': all clients of a round as one computation (a CUDA graph on GPUs); "
+                        "'sequential': one client after another; auto: batched on CUDA (DP-SGD: always sequential)")
     p.add_argument('--capture-rounds', help="rounds whose client updates the server keeps: 'all', 'none', '1,5,10'")
     p.add_argument('--dp-noise', dest='dp_noise_multiplier', type=float,
                    help='DP-SGD on every client (Opacus): noise multiplier; 0 = off')
@@ -39,6 +42,16 @@ def parse_args(argv=None):
     p.add_argument('--keep-fraction', type=float, help='prune each update to this top fraction by magnitude')
     p.add_argument('--secure-aggregation', action='store_const', const=True,
                    help="the server learns only each round's aggregate (sample-weighted mean) update")
+    p.add_argument('--server', choices=['honest', 'malicious'],
+                   help="'malicious': on --malicious-rounds the server sends a crafted model (src/malicious.py)")
+    p.add_argument('--malicious-attack', choices=['imprint', 'loki', 'fc1'],
+                   help="the crafted model: 'imprint' (Robbing the Fed: an extra block of bins), 'loki' (its bins "
+                        "split among the clients, one share each), 'fc1' (trap rows on fc1: the agreed architecture)")
+    p.add_argument('--malicious-rounds', help="rounds on which the malicious server crafts the model, e.g. '3,7'")
+    p.add_argument('--malicious-bins', type=int,
+                   help="bins of the crafted block ('imprint'), or of each client's share of it ('loki')")
+    p.add_argument('--client-verify', action='store_const', const=True,
+                   help='clients refuse a received model that is not the agreed architecture or looks crafted')
     p.add_argument('--output-dir')
     p.add_argument('--engine', choices=['builtin', 'flower'],
                    help="'builtin' (default) or 'flower': the same experiment on Flower's simulation engine "

@@ -130,7 +130,8 @@ def main():
             print(f"per-image loop (one class, one restart at a time, fp32): {spread(times['per_image'])} -> batched "
                   f"is {image_s / batched_s:.1f}x faster (ratio of medians)")
             print(f"per-class loop (restarts batched within a class, {precision}): {spread(times['per_class'])} -> "
-                  f"batched is {class_s / batched_s:.1f}x faster (same images as the batch: max |diff| {diff_class:.1e})")
+                  f"batched is {class_s / batched_s:.1f}x faster (same images as the batch: max |diff| "
+                  f"{diff_class:.1e})")
 
         print('\nattack accuracy = both evaluators read the target class (best restart = the one the TARGET model '
               'was surest of);\nno attack = each class\'s mean public image, scored the same way')

@@ -4,7 +4,7 @@ Both train the same clients (same config, split, seed and initial weights), one 
 The plain loop is the honest baseline a researcher would write: data preloaded as tensors,
 shuffled index slices of batch 64, fp32, default layout and threads, plain SGD.
 
-    python benchmarks/bench_training.py --data-dir ../shared/data/mnist-10k [--config standard]
+    python benchmarks/bench_training.py --data-dir ../shared/data/mnist-10k [--config standard] [--trainer batched]
 """
 import argparse
 import os
@@ -117,15 +117,18 @@ def main():
     p.add_argument('--distribution', default='iid')
     p.add_argument('--rounds', type=int, help='fewer rounds for a shorter measurement')
     p.add_argument('--repeats', type=int, default=3, help='whole comparisons to run; the median and range are reported')
+    p.add_argument('--trainer', choices=['auto', 'sequential', 'batched'],
+                   help="the project's trainer for the whole run (default: config.py's, 'auto' = sequential on CPU)")
     args = p.parse_args()
     whole, local = [], []
-    print(f"{args.config} {args.distribution} on {args.data_dir}, torch {torch.__version__}, "
+    print(f"{args.config} {args.distribution} on {args.data_dir}, trainer {args.trainer or config.CONFIG['trainer']}, "
+          f"torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     for run in range(args.repeats):
         with tempfile.TemporaryDirectory() as out:
             cfg = config.resolve(args.config, {'data_dir': args.data_dir, 'dataset': args.dataset, 'output_dir': out,
                                                'data_distribution': args.distribution, 'num_rounds': args.rounds,
-                                               'capture_rounds': 'none', 'device': 'cpu'})
+                                               'capture_rounds': 'none', 'device': 'cpu', 'trainer': args.trainer})
             data = load_dataset(cfg['dataset'], cfg['data_dir'], download=False)
             history = train(cfg, log=lambda *a: None)
         ours = history['samples_per_second']

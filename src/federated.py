@@ -11,9 +11,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from src.batched_training import TRAINERS, batched_round, uses_batched_trainer
 from src.client import client_update
 from src.defenses import active as active_defenses, defend_update, dp_client_update, epsilon, update_epsilon
 from src.data import NUM_CLASSES, load_dataset, to_tensor
+from src.malicious import build_model, craft, crafted_rounds, refusing_clients, validate_malicious
 from src.model import CNN
 from src.partition import DISTRIBUTIONS, partition
 from src.server import CuriousServer, evaluate, parse_capture_rounds
@@ -46,6 +48,7 @@ def validate(cfg):
         (cfg['update_noise'] == 0 or cfg['update_clip'] > 0,
          'update_noise needs a clipping bound to be scaled by: set --update-clip too'),
         (0 < cfg['keep_fraction'] <= 1, f"keep_fraction={cfg['keep_fraction']}: must be in (0, 1] (--keep-fraction)"),
+        (cfg['trainer'] in TRAINERS, f"trainer={cfg['trainer']!r}: choose one of {', '.join(TRAINERS)} (--trainer)"),
     ]
     for ok, message in checks:
         if not ok:
@@ -54,6 +57,33 @@ def validate(cfg):
         parse_capture_rounds(cfg['capture_rounds'], cfg['num_rounds'])
     except ValueError as e:
         raise UserError(f'{e} (--capture-rounds)') from None
+    validate_malicious(cfg)
+
+
+def crafted_round(cfg, server, global_state, client_data, public_x, r, precision, dp_history, progress=None):
+    """Round r of a malicious server: it sends each client a crafted model (src.malicious.craft), each
+    client that accepts it runs the same local_update (client_update and its defenses) as on any round,
+    and the server records what they send back without aggregating it.
+
+    Returns (dp_history, the round's fields for training_history.json).
+    """
+    sizes = [len(y) for _, y in client_data]
+    shared, sent, params = craft(cfg['malicious_attack'], global_state, public_x, cfg['malicious_bins'], sizes,
+                                 cfg['learning_rate'], cfg['batch_size'], cfg['secure_aggregation'],
+                                 derive_seed(cfg['seed'], 'malicious', r))
+    refused = refusing_clients(cfg, sent, client_data)
+    model = build_model(shared).to(client_data[0][0].device, memory_format=torch.channels_last)
+    results = {c: local_update(cfg, model, sent[c], x, y, r, c, precision, dp_history[c], progress)
+               for c, (x, y) in enumerate(client_data) if c not in refused}
+    accepted = sorted(results)
+    if accepted:
+        server.record_crafted(r, shared, sent, params, accepted, [results[c][0] for c in accepted],
+                              [results[c][1] for c in accepted])
+    return ([results[c][2] if c in results else dp_history[c] for c in range(len(client_data))],
+            {'crafted': True, 'aggregated': False, 'malicious_attack': cfg['malicious_attack'],
+             'refused_by_clients': {str(c): why for c, why in refused.items()},
+             'note': 'the server sent a crafted model; the updates were recorded, not aggregated: the global '
+                     "model after this round is the previous round's"})
 
 
 def client_class_counts(labels, parts):
@@ -154,7 +184,7 @@ def local_update(cfg, model, global_state, x, y, r, c, precision, dp_history, pr
     model.dropout.generator = torch.Generator(x.device).manual_seed(derive_seed(seed, 'dropout', r, c))
     shuffle = torch.Generator().manual_seed(derive_seed(seed, 'shuffle', r, c))
     if cfg['dp_noise_multiplier'] > 0:  # fp32, NCHW: Opacus's per-sample gradient hooks
-        dp_model = CNN().to(x.device)
+        dp_model = build_model(global_state).to(x.device)  # the architecture it was sent
         dp_model.load_state_dict(global_state)
         dp_model.dropout.generator = model.dropout.generator
         state, n, dp_history = dp_client_update(
@@ -187,7 +217,11 @@ def train_round(cfg, models, global_state, client_data, r, precision, dp_history
     With several model replicas, that many clients train at once in threads. Each client's
     randomness comes from its own generators and each thread does its own arithmetic in one
     intra-op thread, so the result does not depend on which thread ran which client.
+    The batched trainer (cfg['trainer']; 'auto' = on CUDA) trains all clients as one computation instead.
     """
+    if uses_batched_trainer(cfg, client_data[0][0].device):
+        return batched_round(cfg, global_state, client_data, r, precision, dp_history, models[0].dropout.p, progress)
+
     def one(c, model):
         x, y = client_data[c]
         return local_update(cfg, model, global_state, x, y, r, c, precision, dp_history[c], progress)
@@ -286,18 +320,30 @@ def train(cfg, log=tqdm.write, resume=False):
     steps_per_round = sum(len(p) for p in parts) * cfg['local_epochs']
     bar = tqdm(range(first_round, cfg['num_rounds'] + 1), desc='rounds', unit='round',
                initial=first_round - 1, total=cfg['num_rounds'])
+    crafted = crafted_rounds(cfg)
     for r in bar:
         t0 = time.perf_counter()
+        fields = {}
         with tqdm(total=steps_per_round, desc=f'round {r}', unit='img', leave=False) as inner:
-            results = train_round(cfg, models, global_state, client_data, r, precision, dp_history, inner)
-        states = [s for s, _, _ in results]
-        sizes = [n for _, n, _ in results]
-        dp_history = [h for _, _, h in results]
-        global_state = server.aggregate(r, global_state, list(range(len(states))), states, sizes)
+            if r in crafted:  # a malicious server's round: recorded, not aggregated
+                dp_history, fields = crafted_round(cfg, server, global_state, client_data, test_x, r, precision,
+                                                   dp_history, inner)
+            else:
+                results = train_round(cfg, models, global_state, client_data, r, precision, dp_history, inner)
+        if r not in crafted:
+            # a false alarm of --client-verify: that client sits out (here it trained anyway; its update is dropped)
+            refused = refusing_clients(cfg, [global_state] * len(results), client_data)
+            ids = [c for c in range(len(results)) if c not in refused]
+            dp_history = [h if c in ids else dp_history[c] for c, (_, _, h) in enumerate(results)]
+            if ids:
+                global_state = server.aggregate(r, global_state, ids, [results[c][0] for c in ids],
+                                                [results[c][1] for c in ids])
+            if refused:
+                fields = {'refused_by_clients': {str(c): why for c, why in refused.items()}}
         model.load_state_dict(global_state)
         test_loss, test_acc = evaluate(model, test_x, test_y)
         rounds.append({'round': r, 'test_loss': test_loss, 'test_accuracy': test_acc,
-                       'seconds': time.perf_counter() - t0})
+                       'seconds': time.perf_counter() - t0, **fields})
         bar.set_postfix(test_acc=f'{test_acc:.4f}', loss=f'{test_loss:.4f}')
         log(f'round {r}: test accuracy {test_acc:.4f}, test loss {test_loss:.4f}')
         save_torch({'config': cfg, 'round': r, 'global_state': {k: v.cpu() for k, v in global_state.items()},

@@ -133,4 +133,37 @@ def load_captured(path, expected_shapes):
             check_state(agg.get('delta'), f'{field}.aggregate.delta')
         else:
             raise bad(field, "a round with 'updates' or 'aggregate'")
+        if 'crafted' in rd:
+            _check_crafted(rd, field, bad)
     return record
+
+
+def _check_crafted(rd, field, bad):
+    """A malicious server's round (src.malicious): its crafting parameters and, for the imprint block, the
+    extra tensors in the crafted model and in every update, consistent with each other."""
+    crafted = rd['crafted']
+    if not isinstance(crafted, dict) or crafted.get('attack') not in ('imprint', 'loki', 'fc1'):
+        raise bad(f'{field}.crafted', "the crafting parameters of 'imprint', 'loki' or 'fc1'")
+    if crafted['attack'] == 'fc1':
+        return
+    weight = rd['global_state'].get('imprint.weight')
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != 28 * 28:
+        raise bad(f'{field}.global_state[imprint.weight]', 'a (bins, 784) tensor')
+    bins = weight.shape[0]
+    groups = crafted.get('groups')
+    for key, shape in (('lower', (bins,)), ('upper', (bins,)), ('group', (bins,)),
+                       ('directions', (groups, 28 * 28))):
+        t = crafted.get(key)
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            raise bad(f'{field}.crafted.{key}', f'a tensor of shape {shape}')
+    rows = crafted.get('client_rows')
+    if rows is not None and not (isinstance(rows, list) and all(
+            isinstance(r, list) and len(r) == 2 and all(_is_int(v) for v in r) and 0 <= r[0] <= r[1] <= bins
+            for r in rows)):
+        raise bad(f'{field}.crafted.client_rows', f'null or [first, end] row ranges within {bins} bins')
+    deltas = [u['delta'] for u in rd['updates']] if 'updates' in rd else [rd['aggregate']['delta']]
+    for j, delta in enumerate(deltas):
+        for key, shape in (('imprint.weight', (bins, 28 * 28)), ('imprint.bias', (bins,))):
+            t = delta.get(key)
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+                raise bad(f'{field} update {j} [{key}]', f'a tensor of shape {shape}')

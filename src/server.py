@@ -80,6 +80,24 @@ class CuriousServer:
             })
         return new_state
 
+    def record_crafted(self, round_num, crafted_state, sent, crafting, client_ids, states, num_samples):
+        """A malicious server's crafted round (src.malicious), kept whatever capture_rounds says and never
+        aggregated. 'global_state' is the crafted model; 'crafted' holds the crafting parameters the
+        read-out needs (for 'loki' also each client's live rows: what client c was sent is the crafted
+        model with the other rows dead). Each update is relative to what that client was sent; under
+        secure aggregation only their sample-weighted mean is kept, as on any round.
+        """
+        deltas = [{k: (s[k].detach().cpu() - sent[c][k].cpu()) for k in s} for c, s in zip(client_ids, states)]
+        entry = {'round': round_num, 'crafted': crafting,
+                 'global_state': {k: v.detach().cpu().clone() for k, v in crafted_state.items()}}
+        if self.secure_aggregation:
+            entry['aggregate'] = {'num_clients': len(deltas), 'num_samples': int(sum(num_samples)),
+                                  'delta': fedavg(deltas, num_samples)}
+        else:
+            entry['updates'] = [{'client': cid, 'num_samples': n, 'delta': d}
+                                for cid, n, d in zip(client_ids, num_samples, deltas)]
+        self.rounds.append(entry)
+
     def record(self):
         """The weights_only-loadable content of captured_updates.pt."""
         return {'format': 1, 'meta': dict(self.meta), 'rounds': self.rounds}

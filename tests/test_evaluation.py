@@ -120,7 +120,8 @@ def test_scores_on_hand_made_cases():
     assert per['eval_confidence'] == pytest.approx([p_lit, p_half, 1 / (np.exp(10) + 9), p_lit], rel=1e-5)
     assert per['second_confidence'] == pytest.approx(per['eval_confidence'])
     o = s['overall']
-    assert o['count'] == 4 and o['attack_accuracy'] == o['attack_accuracy_primary'] == o['attack_accuracy_second'] == 0.75
+    assert o['count'] == 4
+    assert o['attack_accuracy'] == o['attack_accuracy_primary'] == o['attack_accuracy_second'] == 0.75
     assert o['knn_pixel_distance'] == pytest.approx((0 + 0 + 56 ** 0.5) / 3)  # class 9: undefined, left out
     assert s['per_class']['0']['attack_accuracy'] == 0.0 and s['per_class']['1']['attack_accuracy'] == 1.0
     assert s['per_class']['9']['knn_pixel_distance'] is None and s['per_class']['9']['count'] == 1
@@ -212,7 +213,9 @@ def test_exact_copy_of_a_training_image_has_knn_distance_zero_in_a_real_network(
 @pytest.mark.parametrize('kind', ['primary', 'second'])
 def test_cache_is_reused_and_a_corrupt_cache_is_retrained(tmp_path, capsys, kind):
     data = tiny_dataset()
-    load = lambda d=data, seed=0: ev.load_or_train_eval_classifier(d, seed, str(tmp_path), epochs=2, kind=kind)  # noqa: E731
+    def load(d=data, seed=0):
+        return ev.load_or_train_eval_classifier(d, seed, str(tmp_path), epochs=2, kind=kind)
+
     model, info = load()
     assert not info['from_cache'] and os.path.isfile(info['cache_path'])
     assert isinstance(model, ev.EVALUATORS[kind].model) and info['kind'] == kind
@@ -244,20 +247,35 @@ def test_cache_is_reused_and_a_corrupt_cache_is_retrained(tmp_path, capsys, kind
     assert load()[1]['from_cache']
 
 
+@pytest.fixture(scope='module')
+def cache_files(tmp_path_factory):
+    """{kind: (cache file name, its bytes)}: each evaluator trained once (one epoch) for the tampering tests."""
+    base, data = tmp_path_factory.mktemp('eval_cache'), tiny_dataset()
+    out = {}
+    for kind in ('primary', 'second'):
+        _, info = ev.load_or_train_eval_classifier(data, 0, str(base), epochs=1, kind=kind)
+        out[kind] = (os.path.basename(info['cache_path']), open(info['cache_path'], 'rb').read())
+    return out
+
+
 @pytest.mark.parametrize('kind', ['primary', 'second'])
-@pytest.mark.parametrize('value', ['not a tensor', 7, None, [1.0, 2.0]], ids=['str', 'int', 'none', 'list'])
-def test_a_cached_state_dict_with_non_tensor_values_is_retrained_with_a_note(tmp_path, capsys, kind, value):
-    data = tiny_dataset()
-    _, info = ev.load_or_train_eval_classifier(data, 0, str(tmp_path), epochs=1, kind=kind)
-    saved = load_torch(info['cache_path'])
+@pytest.mark.parametrize('value', ['not a tensor', 7, None, [1.0, 2.0], {'nested': 1}],
+                         ids=['str', 'int', 'none', 'list', 'dict'])
+def test_a_cached_state_dict_with_non_tensor_values_is_retrained_with_a_note(cache_files, tmp_path, capsys, kind,
+                                                                              value):
+    name, blob = cache_files[kind]
+    path = tmp_path / name
+    path.write_bytes(blob)
+    saved = load_torch(str(path))
     saved['state_dict'][sorted(saved['state_dict'])[0]] = value
-    save_torch(saved, info['cache_path'])
+    save_torch(saved, str(path))
     capsys.readouterr()
-    _, again = ev.load_or_train_eval_classifier(data, 0, str(tmp_path), epochs=1, kind=kind)  # no exception
+    # no exception escapes
+    model, again = ev.load_or_train_eval_classifier(tiny_dataset(), 0, str(tmp_path), epochs=1, kind=kind)
     out = capsys.readouterr()
-    assert not again['from_cache']
+    assert not again['from_cache'] and isinstance(model, ev.EVALUATORS[kind].model)
     assert 'note: ignoring corrupt' in out.out + out.err and 'not a state dict of tensors' in out.out + out.err
-    assert all(isinstance(v, torch.Tensor) for v in load_torch(info['cache_path'])['state_dict'].values())
+    assert all(isinstance(v, torch.Tensor) for v in load_torch(str(path))['state_dict'].values())  # rewritten
 
 
 def test_training_is_reproducible_from_the_seed(tmp_path):

@@ -213,15 +213,25 @@ def test_score_reports_attack_baselines_and_both_evaluators(tiny, cache_dir, tmp
     np.testing.assert_array_equal(arrays['all_restarts'], arrays2['model_inversion/all_restarts'])
 
 
-def test_published_variant_is_recorded_in_the_metrics(tiny, cache_dir, tmp_path):
+def test_published_variant_recorded_and_a_public_set_without_5_to_9(tiny, cache_dir, tmp_path):
     view, private = tiny
-    view = dataclasses.replace(view, cache_dir=cache_dir)
+    low = view.public_y < 5  # a server whose public data holds classes 0-4 only
+    view = dataclasses.replace(view, cache_dir=cache_dir, public_x=view.public_x[low], public_y=view.public_y[low])
     args = parse(['--mi-steps', '5', '--mi-restarts', '1', '--mi-variant', 'published'])
     attack = mi.ModelInversion()
     report = attack.score(attack.run(view, args), private, None, view, args, str(tmp_path))
-    s = report.metrics['settings']
+    m = report.metrics
+    s = m['settings']
     assert (s['variant'], s['loss'], s['tv_weight'], s['l2_weight'], s['jitter']) == ('published', 'ce', 0, 0, 0)
-    assert 'published variant' in report.metrics['summary']
+    assert 'published variant' in m['summary']
+    # no public image of 5-9: the class-disjoint baseline is undefined, not made up; classes 5-9 of the
+    # all-class baseline fall back to the mean of every public image
+    assert m['class_disjoint']['no_attack_baseline']['count'] == 0
+    assert m['class_disjoint']['no_attack_baseline']['attack_accuracy'] is None
+    overall_mean = view.public_x.mean(0).squeeze(0).numpy()
+    for c in range(5, 10):
+        np.testing.assert_allclose(report.arrays['baseline_images'][c], overall_mean, atol=1e-6)
+    json.dumps(m, allow_nan=False)
 
 
 @pytest.mark.parametrize('flag', [['--mi-steps', '0'], ['--mi-restarts', '0'], ['--mi-lr', '0'],

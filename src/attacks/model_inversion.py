@@ -56,7 +56,8 @@ def add_arguments(parser):
                    help="what to maximise: 'logit' (raw class logit, stronger) or 'ce' (class log-probability)")
     g.add_argument('--mi-steps', type=int, default=200, help='Adam steps on the input')
     g.add_argument('--mi-lr', type=float, default=0.1, help='Adam learning rate on the pixels')
-    g.add_argument('--mi-restarts', type=int, default=8, help='random restarts per class (best kept by target confidence)')
+    g.add_argument('--mi-restarts', type=int, default=8,
+                   help='random restarts per class (best kept by target confidence)')
     g.add_argument('--mi-tv', type=float, default=5.0, help='total-variation weight (on mean |neighbour difference|)')
     g.add_argument('--mi-l2', type=float, default=10.0, help='L2 weight (on mean squared pixel)')
     g.add_argument('--mi-jitter', type=int, default=2,
@@ -150,6 +151,11 @@ def target_confidence(model, images, classes):
         model.train(was_training)
 
 
+def _fmt(summary):
+    value = summary['attack_accuracy']
+    return 'n/a' if value is None else f'{value:.3f}'
+
+
 class ModelInversion(Attack):
     name = 'model'
     key = 'model_inversion'
@@ -190,7 +196,7 @@ class ModelInversion(Attack):
         images, log_prob, best = result['images'], result['log_prob'], result['best'].cpu()
         R = images.shape[1]
         classes = torch.arange(NUM_CLASSES, device=device).repeat_interleave(R)
-        best_images = images[torch.arange(NUM_CLASSES, device=images.device), best.to(images.device)]              # (10, 1, 28, 28)
+        best_images = images[torch.arange(NUM_CLASSES, device=images.device), best.to(images.device)]  # (10, 1, 28, 28)
 
         evaluators = load_evaluators(private.dataset, settings.seed, view.cache_dir, device)
         px, py = private.clients()
@@ -218,18 +224,20 @@ class ModelInversion(Attack):
         # the no-attack baselines, scored exactly like the inversions (same evaluators, same private set)
         all_classes = list(range(NUM_CLASSES))
         means = class_mean_images(view.public_x, view.public_y, all_classes)
-        baseline = self._score_baseline(evaluators, view, means, all_classes, px, py)
+        baseline, baseline_images = self._score_baseline(evaluators, view, means, all_classes, px, py)
         public_only = torch.isin(view.public_y, torch.tensor(PUBLIC_CLASSES, device=view.public_y.device))
-        disjoint_means = class_mean_images(view.public_x[public_only], view.public_y[public_only], ATTACKED_CLASSES)
-        disjoint_baseline = self._score_baseline(evaluators, view, disjoint_means, ATTACKED_CLASSES, px, py)
+        if public_only.any():
+            disjoint_means = class_mean_images(view.public_x[public_only], view.public_y[public_only], ATTACKED_CLASSES)
+            disjoint_baseline, _ = self._score_baseline(evaluators, view, disjoint_means, ATTACKED_CLASSES, px, py)
+        else:  # no public image of 5-9 to average: undefined (count 0, None)
+            disjoint_baseline = summarise(per_image, np.zeros(len(cls), dtype=bool), target_conf)
 
         b, a = overall['best_restart'], overall['all_restarts']
         metrics = {
-            'summary': (f"attack accuracy (both evaluators agree) {b['attack_accuracy']:.3f} best restart per class, "
-                        f"{a['attack_accuracy']:.3f} all {R} restarts; no attack (public class means) "
-                        f"{baseline['attack_accuracy']:.3f}; classes 0-4: attack "
-                        f"{disjoint['best_restart']['attack_accuracy']:.3f}, no attack without their public images "
-                        f"{disjoint_baseline['attack_accuracy']:.3f}; {s['variant']} variant ({s['loss']}); "
+            'summary': (f"attack accuracy (both evaluators agree) {_fmt(b)} best restart per class, {_fmt(a)} all "
+                        f"{R} restarts; no attack (public class means) {_fmt(baseline)}; classes 0-4: attack "
+                        f"{_fmt(disjoint['best_restart'])}, no attack without their public images "
+                        f"{_fmt(disjoint_baseline)}; {s['variant']} variant ({s['loss']}); "
                         f"attack {result['attack_seconds']:.1f} s"),
             'seed': settings.seed,
             'n_failed': int(torch.isinf(log_prob).sum()),  # diverged images (none is used as a result)
@@ -263,7 +271,8 @@ class ModelInversion(Attack):
                                 'centrally on the training split; an inversion counts only if both read its class',
             },
         }
-        self._figure(out_dir, best_images, per_image, is_best, means, baseline, s, R)
+        self._figure(out_dir, best_images, per_image, is_best, means, baseline_images, b['attack_accuracy'],
+                     baseline['attack_accuracy'], s, R)
         arrays = {
             'best_images': best_images.squeeze(1).cpu().numpy().astype(np.float32),                # (10, 28, 28)
             'all_restarts': images.squeeze(2).cpu().numpy().astype(np.float32),                    # (10, R, 28, 28)
@@ -282,19 +291,25 @@ class ModelInversion(Attack):
         cls = torch.tensor(classes, device=means.device)
         scored = score_inversions(evaluators, means, cls, px, py)
         conf = target_confidence(view.model, means.to(view.device), cls.to(view.device))
-        return summarise(scored['per_image'], np.ones(len(classes), dtype=bool), conf)
+        return summarise(scored['per_image'], np.ones(len(classes), dtype=bool), conf), scored['per_image']
 
     @staticmethod
-    def _figure(out_dir, best_images, per_image, is_best, means, baseline, s, R):
-        pred, conf = np.asarray(per_image['eval_prediction'])[is_best], np.asarray(per_image['eval_confidence'])[is_best]
-        pred2 = np.asarray(per_image['second_prediction'])[is_best]
-        titles = [[f'target {c}\n{p} ({q:.2f}) / {p2}' for c, p, q, p2 in zip(range(NUM_CLASSES), pred, conf, pred2)],
-                  [f'class {c} mean' for c in range(NUM_CLASSES)]]
+    def _figure(out_dir, best_images, per_image, is_best, means, baseline, attack_accuracy, baseline_accuracy, s, R):
+        def label(p, q, p2):  # primary's prediction (its confidence for the target) / second's prediction
+            return f'{p} ({q:.2f}) / {p2}'
+
+        keys = ('eval_prediction', 'eval_confidence', 'second_prediction')
+        picked = [np.asarray(per_image[k])[is_best] for k in keys]
+        # both rows' labels go above the top row: save_image_grid's titles on a second row would sit under the
+        # first row's images
+        shown = zip(zip(*picked), zip(*(baseline[k] for k in keys)))
+        titles = [[f'target {c}\nattack {label(*a)}\nmean {label(*m)}' for c, (a, m) in enumerate(shown)],
+                  [None] * NUM_CLASSES]
         save_image_grid(
             os.path.join(out_dir, 'model_inversion_all.png'),
             [list(best_images.squeeze(1).cpu().numpy()), list(means.squeeze(1).cpu().numpy())], titles,
-            row_labels=['attack', 'no attack:\npublic mean'],
-            suptitle=(f"Model inversion ({s['variant']}: {s['loss']} loss), best of {R} restarts by target confidence; "
-                      f"label: primary evaluator's prediction (its confidence for the target) / second's.\n"
-                      f"Bottom: the no-attack baseline, each class's mean public image (both evaluators agree on "
-                      f"{100 * baseline['attack_accuracy']:.0f} %)"))
+            row_labels=['attack', 'no attack:\npublic class mean'], cell=1.5,
+            suptitle=(f"Model inversion ({s['variant']}: {s['loss']} loss), best of {R} restarts by target confidence, "
+                      f"above; each class's mean public image (no attack), below.\nLabels: primary evaluator's "
+                      f"prediction (its confidence for the target) / second evaluator's. Both read the target: attack "
+                      f"{100 * attack_accuracy:.0f} %, no attack {100 * baseline_accuracy:.0f} %"))

@@ -8,6 +8,7 @@ ATTACKS = {  # --attacks name -> 'module:Class'; adding an attack is one line he
     'gradient': 'src.attacks.gradient_inversion:GradientInversion',
     'model': 'src.attacks.model_inversion:ModelInversion',
     'gan': 'src.attacks.gan_inversion:GanInversion',
+    'malicious': 'src.attacks.malicious_server:MaliciousServer',  # skips (one note) without crafted rounds
 }
 
 
