@@ -59,6 +59,8 @@ def invert_rounds(captured, dummies, steps, seed, local_steps=None, device='cpu'
     generator = torch.Generator().manual_seed(seed)
     rounds = []
     for rd in tqdm(captured['rounds'], desc='gradient inversion (FedAvg rounds)', unit='round', disable=not progress):
+        if 'crafted' in rd:  # a malicious server's round: the malicious_server attack reads it out
+            continue
         global_w = {k: rd['global_state'][k].float().contiguous().to(device) for k in NAMES}
         sent = rd.get('updates') or [{'client': None, **rd['aggregate']}]
         deltas = {k: torch.stack([u['delta'][k].float().to(device) for u in sent]) for k in NAMES}
