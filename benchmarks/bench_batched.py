@@ -21,7 +21,6 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
@@ -29,6 +28,7 @@ import src.batched_training as bt  # noqa: E402
 import src.federated as fed  # noqa: E402
 from src.model import CNN  # noqa: E402
 from src.utils import derive_seed, resolve_precision  # noqa: E402
+from bench_training import plain_client  # noqa: E402
 
 BATCH = 64
 
@@ -47,19 +47,11 @@ def settings(k, device, trainer):
 
 
 def plain_loop(clients, global_state):
-    """One client after another, written the plain way."""
+    """One client after another, written the plain way (bench_training's plain client, one epoch)."""
     model = CNN().to(clients[0][0].device)
-    model.train()
     for c, (x, y) in enumerate(clients):
         model.load_state_dict(global_state)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(c)).to(x.device)
-        for s in range(0, len(y), BATCH):
-            idx = order[s:s + BATCH]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        plain_client(model, x, y, 1, BATCH, 0.01, torch.Generator().manual_seed(c))
 
 
 def project_round(clients, trainer, precision, graph=True, channels_last=True):

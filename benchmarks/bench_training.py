@@ -68,7 +68,7 @@ def plain_client(model, x, y, epochs, batch_size, lr, generator):
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     for _ in range(epochs):
-        order = torch.randperm(len(y), generator=generator)
+        order = torch.randperm(len(y), generator=generator).to(x.device)
         for s in range(0, len(y), batch_size):
             idx = order[s:s + batch_size]
             loss = F.cross_entropy(model(x[idx]), y[idx])
