@@ -1,9 +1,9 @@
-"""Final test accuracy and wall time of every preset x distribution, as the README reports them.
+"""Final test accuracy of every preset x distribution, as the README reports them (speed: bench_training.py).
 
     python benchmarks/bench_accuracy.py --data-dir ../shared/data/mnist-10k [--fashion-dir ../shared/data/fashion-mnist]
 
 Prints a markdown table. --fashion-dir adds standard/iid on Fashion-MNIST (60,000 images,
-MNIST's size), the full-scale timing.
+MNIST's size).
 """
 import argparse
 import os
@@ -23,7 +23,7 @@ def run(preset, distribution, dataset, data_dir):
                                       'data_distribution': distribution, 'capture_rounds': 'none'})
         h = train(cfg, log=lambda *a: None)
     return (f"| {dataset} ({sum(c['num_samples'] for c in h['clients'])} train) | {preset} | {distribution} | "
-            f"{h['final_test_accuracy'] * 100:.2f} % | {h['wall_seconds']:.0f} s | {h['samples_per_second']:.0f} |")
+            f"{h['final_test_accuracy'] * 100:.2f} % |")
 
 
 def main():
@@ -34,8 +34,8 @@ def main():
     p.add_argument('--distributions', default='iid,non_iid')
     args = p.parse_args()
     print(f'torch {torch.__version__}, {torch.get_num_threads()} threads')
-    print('| data | preset | distribution | final test accuracy | wall time | samples/s |')
-    print('| --- | --- | --- | --- | --- | --- |')
+    print('| data | preset | distribution | final test accuracy |')
+    print('| --- | --- | --- | --- |')
     for preset in args.presets.split(','):
         for distribution in args.distributions.split(','):
             print(run(preset, distribution, 'mnist', args.data_dir), flush=True)

@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
+from common import spread  # noqa: E402
 import run_all_attacks  # noqa: E402
 from src.federated import train  # noqa: E402
 
@@ -72,10 +73,10 @@ def main():
     print(f"training accuracy {m['training_final_test_accuracy']:.4f}; {m['gradient_inversion']['summary']}")
     for key in runs[0][0]:
         values = [s[key] for s, _ in runs]
-        print(f'  {key}: median {np.median(values):.1f} s (range {min(values):.1f}-{max(values):.1f})')
+        print(f'  {key}: {spread(values, digits=1)}')
     totals = [t for _, t in runs]
-    print(f"total: median {np.median(totals):.0f} s = {np.median(totals) / 60:.1f} min (range {min(totals):.0f}-"
-          f"{max(totals):.0f} s, {len(totals)} runs; goal: 8 min; the original README budgets ~35 min)")
+    print(f"total: {spread(totals, digits=0)} = {np.median(totals) / 60:.1f} min median "
+          f"(goal: 8 min; the original README budgets ~35 min)")
 
 
 if __name__ == '__main__':

@@ -18,6 +18,9 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import spread  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGE = os.sysconf('SC_PAGE_SIZE')
 
@@ -73,13 +76,8 @@ def run_engine(engine, args, out_dir):
             'final_test_accuracy': history['final_test_accuracy'], 'precision': history['precision']}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--data-dir', required=True)
-    p.add_argument('--config', default='quick', help='preset (default quick)')
-    p.add_argument('--rounds', type=int, help='override the preset\'s rounds')
-    p.add_argument('--seed', type=int, default=0)
-    args = p.parse_args()
+def compare_once(args):
+    """Both engines on the same experiment: their results, after checking they ended with the same model."""
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for engine in ('builtin', 'flower'):
@@ -91,11 +89,27 @@ def main():
                   flush=True)
         a = torch.load(os.path.join(tmp, 'builtin', 'global_model.pth'), weights_only=True)
         b = torch.load(os.path.join(tmp, 'flower', 'global_model.pth'), weights_only=True)
-        max_diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    b, f = results['builtin'], results['flower']
-    print(f"flower / builtin: wall {f['wall_seconds'] / b['wall_seconds']:.2f}x, "
-          f"peak tree RSS {f['peak_tree_rss_mb'] / b['peak_tree_rss_mb']:.2f}x; "
-          f"largest weight difference between the two final models {max_diff:.2e}")
+    print(f'largest weight difference between the two final models '
+          f'{max((a[k] - b[k]).abs().max().item() for k in a):.2e}', flush=True)
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--data-dir', required=True)
+    p.add_argument('--config', default='quick', help='preset (default quick)')
+    p.add_argument('--rounds', type=int, help='override the preset\'s rounds')
+    p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--repeats', type=int, default=3, help='runs of each engine, alternating (median and range)')
+    args = p.parse_args()
+    runs = {'builtin': [], 'flower': []}
+    for _ in range(args.repeats):  # alternating, so drift of the shared host hits both engines alike
+        for engine, result in compare_once(args).items():
+            runs[engine].append(result)
+    for key, unit in (('wall_seconds', 's'), ('peak_tree_rss_mb', 'MB')):
+        b, f = ([r[key] for r in runs[e]] for e in ('builtin', 'flower'))
+        print(f"{key}: builtin {spread(b, unit, 1)}, flower {spread(f, unit, 1)}, "
+              f"flower / builtin {spread([y / x for x, y in zip(b, f)], 'x')}")
     print(f'({os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}; timings include process start-up)')
 
 

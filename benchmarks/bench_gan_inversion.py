@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import standard_target  # noqa: E402
+from common import spread, standard_target  # noqa: E402
 from src.attacks import gan_inversion as gi  # noqa: E402
 from src.attacks import gan_prior as gp  # noqa: E402
 from src.attacks import runner  # noqa: E402
@@ -50,13 +50,6 @@ def timed(fn):
     t0 = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t0
-
-
-def spread(values, unit='s', scale=1.0, digits=2):
-    """'median (min-max, n runs)' of timings."""
-    v = [x * scale for x in values]
-    return (f'{statistics.median(v):.{digits}f} {unit} (range {min(v):.{digits}f}-{max(v):.{digits}f}, '
-            f'{len(v)} run{"s" if len(v) > 1 else ""})')
 
 
 def gan_step_speed(images, steps, repeats):
@@ -177,8 +170,8 @@ def main():
         if not args.skip_loops:
             speed = gan_step_speed(view.public_x.mul(255).round().byte().numpy()[:, 0], 30, args.repeats)
             ratio = [a / b for a, b in zip(speed['fp32'], speed['channels_last+bf16'])]
-            print(f"\nGAN training step (batch 64): fp32 {spread(speed['fp32'], 'ms', 1e3, 1)}, channels_last+bf16 "
-                  f"{spread(speed['channels_last+bf16'], 'ms', 1e3, 1)} -> {spread(ratio, 'x', digits=1)}")
+            print(f"\nGAN training step (batch 64): fp32 {spread([v * 1e3 for v in speed['fp32']], 'ms', 1)}, channels_last+bf16 "
+                  f"{spread([v * 1e3 for v in speed['channels_last+bf16']], 'ms', 1)} -> {spread(ratio, 'x', digits=1)}")
             R = args.gmi_restarts
             times, diff = search_speed(view.model, R, args.loop_steps, args.repeats)
             print(f"latent search, {10 * R} latents x {args.loop_steps} steps: "

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import standard_target  # noqa: E402
+from common import spread, standard_target  # noqa: E402
 from src.attacks.gradient_inversion.clients import client_gradients, pick_images  # noqa: E402
 from src.attacks.gradient_inversion.invert import invert  # noqa: E402
 from src.attacks.gradient_inversion.scoring import score_case  # noqa: E402
@@ -94,6 +94,8 @@ def main():
     p.add_argument('--curve-iterations', type=int, default=None,
                    help=f'Adam steps for batch sizes > 1 (default: the attack\'s, {BATCH_STEPS})')
     p.add_argument('--batch-sizes', default='1,2,4,8')
+    p.add_argument('--repeats', type=int, default=3,
+                   help='timed runs of plain iDLG and the default, alternating (median and range reported)')
     p.add_argument('--seed', type=int, default=0, help='the reported image set (default 0)')
     p.add_argument('--held-out-seeds', type=parse_seeds, default=None,
                    help="instead of the report: the default attack on these seeds' image sets (e.g. 1-8), "
@@ -116,14 +118,18 @@ def main():
 
     print(f'\n== batch size 1, {args.images} images, dropout off (the papers\' case)')
     k = min(args.idlg_images or args.images, args.images)
-    idlg = attack(view, private, index[:k], 'idlg', 1, False, args.seed, args.idlg_iterations)
+    idlg_s, ours_s = [], []
+    for _ in range(args.repeats):  # alternating, so drift of the shared host hits both alike
+        idlg = attack(view, private, index[:k], 'idlg', 1, False, args.seed, args.idlg_iterations)
+        ours = attack(view, private, index, 'default', 1, False, args.seed)
+        idlg_s.append(idlg['seconds'] / k * args.images)  # one image at a time: time is linear in the images
+        ours_s.append(ours['seconds'])
     print(line(f'plain iDLG ({args.idlg_iterations} L-BFGS), first {k}', idlg))
-    idlg_total = idlg['seconds'] / k * args.images  # images are attacked one by one: time is linear in them
-    ours = attack(view, private, index, 'default', 1, False, args.seed)
     print(line(f'default (batched), all {args.images}', ours))
     scaled = f'measured on {k}, scaled linearly' if k < args.images else 'measured'
-    print(f"plain iDLG for {args.images} images: {idlg_total:.1f} s ({scaled}); "
-          f"speed-up {idlg_total / ours['seconds']:.1f}x, PSNR {ours['psnr_mean'] - idlg['psnr_mean']:+.2f} dB "
+    print(f"plain iDLG for {args.images} images: {spread(idlg_s)} ({scaled}); default {spread(ours_s)}; "
+          f"speed-up {spread([a / b for a, b in zip(idlg_s, ours_s)], 'x', 1)}; "
+          f"PSNR {ours['psnr_mean'] - idlg['psnr_mean']:+.2f} dB "
           f"(default's mean over the same {k}: "
           f"{sum(p['psnr'] for p in ours['per_image'][:k]) / k:.2f} dB)")
     print('\n== batch size 1, dropout unknown (client in train mode, mask unknown to the server)')

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from src.attacks import model_inversion as mi  # noqa: E402
-from common import standard_target  # noqa: E402
+from common import spread, standard_target  # noqa: E402
 from src.evaluation import load_evaluators  # noqa: E402
 from src.utils import resolve_precision  # noqa: E402
 
@@ -44,11 +44,6 @@ TARGETS = {'best_restart': 0.98, 'all_restarts': 0.95, 'seconds': 10.0, 'speedup
 def attack(model, x0, classes, s, seed, precision):
     return mi.invert(model, x0, classes, s['steps'], s['lr'], s['loss'], s['tv_weight'], s['l2_weight'], s['jitter'],
                      seed, precision)
-
-
-def spread(values):
-    """'median (min-max, n runs)'."""
-    return f'{np.median(values):.2f} s ({min(values):.2f}-{max(values):.2f}, {len(values)} runs)'
 
 
 def attack_settings(args, seed, variant):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
+from common import spread  # noqa: E402
 from src.data import load_dataset, to_tensor  # noqa: E402
 from src.federated import train  # noqa: E402
 from src.model import CNN  # noqa: E402
@@ -104,11 +105,6 @@ def interleaved_speed(cfg, data, pairs=5):
     return float(np.median(plain_rates)), float(np.median(ours_rates)), float(np.median(ratios)), precision
 
 
-def spread(values):
-    """'median (min-max, n runs)': how every speed figure is reported, never the best run alone."""
-    return f'{np.median(values):.2f}x ({min(values):.2f}-{max(values):.2f}, {len(values)} runs)'
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data-dir', default=os.path.join('..', 'shared', 'data', 'mnist-10k'))
@@ -140,8 +136,8 @@ def main():
               f"({history['precision']}, channels_last) {ours:.0f} samples/s (accuracy "
               f"{history['final_test_accuracy']:.4f}): {ours / plain:.2f}x; one client, 5 alternating pairs: "
               f"plain {plain_rate:.0f}, project {ours_rate:.0f} samples/s: {ratio:.2f}x", flush=True)
-    print(f'speed-up, whole federated run: {spread(whole)}')
-    print(f'speed-up, one client (median of 5 alternating pairs per run): {spread(local)}')
+    print(f'speed-up, whole federated run: {spread(whole, "x")}')
+    print(f'speed-up, one client (median of 5 alternating pairs per run): {spread(local, "x")}')
 
 
 if __name__ == '__main__':

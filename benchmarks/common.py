@@ -1,5 +1,6 @@
 """What the attack benchmarks share: the trained standard model they attack."""
 import os
+import statistics
 
 import config
 from src.attacks.target import load_attack_inputs
@@ -17,3 +18,10 @@ def standard_target(data_dir, run_dir, tmp, cache_dir='cache'):
     view, private = load_attack_inputs(os.path.join(run_dir, 'global_model.pth'), data_dir=data_dir, device='cpu',
                                        cache_dir=cache_dir)
     return view, private, run_dir
+
+
+def spread(values, unit='s', digits=2):
+    """'median unit (range min-max, n runs)': how every speed figure is reported, never the best run alone."""
+    v = list(values)
+    return (f'{statistics.median(v):.{digits}f} {unit} (range {min(v):.{digits}f}-{max(v):.{digits}f}, '
+            f'{len(v)} run{"s" if len(v) > 1 else ""})')
