@@ -23,9 +23,16 @@ CONFIG = {
     'precision': 'auto',            # 'auto' (bf16 where the hardware has it) | 'bf16' | 'fp32'
     'trainer': 'auto',              # 'auto' (batched on CUDA, else sequential) | 'sequential' | 'batched'
     # defenses (all off by default; they compose)
-    'dp_noise_multiplier': 0.0,     # DP-SGD (Opacus) on every client: noise std / clipping bound; 0 = off
+    'dp_epsilon': 0.0,              # DP-SGD (Opacus) on every client at this record-level epsilon (at dp_delta) for
+                                    # the whole run: the noise multiplier is computed for it; 0 = off (or dp_noise_multiplier)
+    'dp_noise_multiplier': 0.0,     # DP-SGD with this noise std / clipping bound instead of a target epsilon; 0 = off
     'dp_max_grad_norm': 1.0,        # DP-SGD per-sample clipping bound
     'dp_delta': 1e-5,               # delta at which epsilon is reported
+    # what a client trains with under DP-SGD instead of local_epochs / batch_size / learning_rate: clipped,
+    # noised gradients need larger batches and steps (tuned on seed 1: README, "DP-SGD that learns")
+    'dp_local_epochs': 1,
+    'dp_batch_size': 64,
+    'dp_learning_rate': 0.5,
     'update_clip': 0.0,             # clip each client's update to this L2 norm; 0 = off
     'update_noise': 0.0,            # Gaussian noise on the clipped update, std = update_noise * update_clip
     'keep_fraction': 1.0,           # prune each update tensor to this top fraction by magnitude; 1 = off

@@ -33,10 +33,16 @@ def parse_args(argv=None):
                    help="'batched': all clients of a round as one computation (a CUDA graph on GPUs); "
                         "'sequential': one client after another; auto: batched on CUDA (DP-SGD: always sequential)")
     p.add_argument('--capture-rounds', help="rounds whose client updates the server keeps: 'all', 'none', '1,5,10'")
+    p.add_argument('--dp-epsilon', type=float,
+                   help='DP-SGD on every client (Opacus) at this record-level epsilon for the whole run (the noise '
+                        'multiplier is computed for it); 0 = off')
     p.add_argument('--dp-noise', dest='dp_noise_multiplier', type=float,
-                   help='DP-SGD on every client (Opacus): noise multiplier; 0 = off')
+                   help='DP-SGD with this noise multiplier instead of a target epsilon; 0 = off')
     p.add_argument('--dp-clip', dest='dp_max_grad_norm', type=float, help='DP-SGD per-sample clipping bound')
     p.add_argument('--dp-delta', type=float, help='delta at which epsilon is reported')
+    p.add_argument('--dp-local-epochs', type=int, help='local epochs under DP-SGD (instead of --local-epochs)')
+    p.add_argument('--dp-batch-size', type=int, help='expected batch size under DP-SGD (Poisson sampling)')
+    p.add_argument('--dp-lr', dest='dp_learning_rate', type=float, help='client learning rate under DP-SGD')
     p.add_argument('--update-clip', type=float, help="clip each client's update to this L2 norm; 0 = off")
     p.add_argument('--update-noise', type=float, help='Gaussian noise on the clipped update, in units of --update-clip')
     p.add_argument('--keep-fraction', type=float, help='prune each update to this top fraction by magnitude')

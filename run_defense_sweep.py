@@ -17,7 +17,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--grid', choices=['quick', 'full'], default='quick')
     p.add_argument('--set', action='append', default=[], metavar='DEFENSE=V1,V2',
-                   help='replace a defense\'s strengths, e.g. dp_sgd=0.5,2 or pruning=0.3 (repeatable)')
+                   help='replace a defense\'s strengths, e.g. dp_sgd=8,1 (target epsilons) or pruning=0.3 (repeatable)')
     p.add_argument('--config', choices=sorted(config.PRESETS), default='quick', help='training preset')
     p.add_argument('--dataset', choices=['mnist', 'fashion-mnist'])
     p.add_argument('--data-dir')

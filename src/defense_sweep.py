@@ -1,5 +1,5 @@
 """Which defense, at what cost, stops which attack: train under each defense setting, attack the
-result with all three attacks, and tabulate utility against leakage.
+result with every attack (membership inference included), and tabulate utility against leakage.
 
 Each grid point is written to its own folder (`<sweep>/<point>/`: the model, history, attack
 figures and point.json) atomically, so an interrupted sweep resumes at the first missing point.
@@ -23,13 +23,13 @@ from src.utils import atomic_dir, atomic_path, check_output_dir, save_json  # no
 # (defense, the setting it varies, strengths from weak to strong); 'none' is the shared baseline.
 GRIDS = {
     'quick': [
-        ('dp_sgd', 'dp_noise_multiplier', [0.5, 1.0]),
+        ('dp_sgd', 'dp_epsilon', [8.0, 3.0]),  # at the tuned dp_* settings (config.py)
         ('update_clip_noise', 'update_noise', [0.01, 0.1]),
         ('pruning', 'keep_fraction', [0.1, 0.01]),
         ('secure_aggregation', 'secure_aggregation', [True]),
     ],
     'full': [
-        ('dp_sgd', 'dp_noise_multiplier', [0.3, 0.7, 1.0, 1.5]),
+        ('dp_sgd', 'dp_epsilon', [8.0, 3.0, 1.0]),
         ('update_clip_noise', 'update_noise', [0.003, 0.01, 0.03, 0.1]),
         ('pruning', 'keep_fraction', [0.5, 0.2, 0.1, 0.01]),
         ('secure_aggregation', 'secure_aggregation', [True]),
@@ -82,7 +82,7 @@ def run_point(base_cfg, overrides, attack_args, attacks, folder, log):
     return point
 
 
-def sweep(base_cfg, attack_args, grid, attacks=('gradient', 'model', 'gan'), out_dir='defense_results',
+def sweep(base_cfg, attack_args, grid, attacks=('gradient', 'model', 'gan', 'membership'), out_dir='defense_results',
           log=tqdm.write):
     """Run (or resume) the sweep over `grid` (a GRIDS value); write defense_sweep.json and
     defense_tradeoff.png to out_dir. Points are kept in out_dir/defense_sweep/<point>/, named by

@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from src.batched_training import TRAINERS, batched_round, uses_batched_trainer
 from src.client import client_update
-from src.defenses import active as active_defenses, defend_update, dp_client_update, epsilon, update_epsilon
+from src.defenses import active as active_defenses, client_recipe, defend_update, dp_client_update, epsilon, \
+    update_epsilon, with_dp_noise
 from src.data import NUM_CLASSES, load_dataset, to_tensor
 from src.malicious import build_model, craft, crafted_rounds, refusing_clients, validate_malicious
 from src.model import CNN
@@ -41,6 +42,12 @@ def validate(cfg):
          f"data_distribution={cfg['data_distribution']!r}: choose one of {', '.join(DISTRIBUTIONS)} (--distribution)"),
         (cfg['dirichlet_alpha'] > 0, f"dirichlet_alpha={cfg['dirichlet_alpha']}: must be > 0 (--alpha)"),
         (cfg['dp_noise_multiplier'] >= 0, f"dp_noise_multiplier={cfg['dp_noise_multiplier']}: must be >= 0 (--dp-noise)"),
+        (cfg['dp_epsilon'] >= 0, f"dp_epsilon={cfg['dp_epsilon']}: must be > 0, or 0 for off (--dp-epsilon)"),
+        (cfg['dp_epsilon'] == 0 or cfg['dp_noise_multiplier'] == 0,
+         'DP-SGD: give a target epsilon (--dp-epsilon) or a noise multiplier (--dp-noise), not both'),
+        (cfg['dp_local_epochs'] >= 1, f"dp_local_epochs={cfg['dp_local_epochs']}: need at least 1 (--dp-local-epochs)"),
+        (cfg['dp_batch_size'] >= 1, f"dp_batch_size={cfg['dp_batch_size']}: need at least 1 (--dp-batch-size)"),
+        (cfg['dp_learning_rate'] > 0, f"dp_learning_rate={cfg['dp_learning_rate']}: must be positive (--dp-lr)"),
         (cfg['dp_max_grad_norm'] > 0, f"dp_max_grad_norm={cfg['dp_max_grad_norm']}: must be > 0 (--dp-clip)"),
         (0 < cfg['dp_delta'] < 1, f"dp_delta={cfg['dp_delta']}: must be in (0, 1) (--dp-delta)"),
         (cfg['update_clip'] >= 0, f"update_clip={cfg['update_clip']}: must be >= 0 (--update-clip)"),
@@ -68,8 +75,9 @@ def crafted_round(cfg, server, global_state, client_data, public_x, r, precision
     Returns (dp_history, the round's fields for training_history.json).
     """
     sizes = [len(y) for _, y in client_data]
+    _, batch_size, lr = client_recipe(cfg)
     shared, sent, params = craft(cfg['malicious_attack'], global_state, public_x, cfg['malicious_bins'], sizes,
-                                 cfg['learning_rate'], cfg['batch_size'], cfg['secure_aggregation'],
+                                 lr, batch_size, cfg['secure_aggregation'],
                                  derive_seed(cfg['seed'], 'malicious', r))
     refused = refusing_clients(cfg, sent, client_data)
     model = build_model(shared).to(client_data[0][0].device, memory_format=torch.channels_last)
@@ -166,9 +174,10 @@ def init_model(cfg, device):
 
 
 def make_server(cfg):
+    epochs, batch_size, lr = client_recipe(cfg)  # what the protocol announces the clients train with
     return CuriousServer(parse_capture_rounds(cfg['capture_rounds'], cfg['num_rounds']),
-                         {k: cfg[k] for k in ('batch_size', 'learning_rate', 'local_epochs', 'dataset',
-                                              'num_clients', 'data_distribution', 'seed')},
+                         {'batch_size': batch_size, 'learning_rate': lr, 'local_epochs': epochs,
+                          **{k: cfg[k] for k in ('dataset', 'num_clients', 'data_distribution', 'seed')}},
                          secure_aggregation=cfg['secure_aggregation'])
 
 
@@ -187,11 +196,11 @@ def local_update(cfg, model, global_state, x, y, r, c, precision, dp_history, pr
         dp_model = build_model(global_state).to(x.device)  # the architecture it was sent
         dp_model.load_state_dict(global_state)
         dp_model.dropout.generator = model.dropout.generator
-        state, n, dp_history = dp_client_update(
-            dp_model, x, y, cfg['local_epochs'], cfg['batch_size'], cfg['learning_rate'],
-            cfg['dp_noise_multiplier'], cfg['dp_max_grad_norm'], dp_history, shuffle)
+        epochs, batch_size, lr = client_recipe(cfg)
+        state, n, dp_history = dp_client_update(dp_model, x, y, epochs, batch_size, lr, cfg['dp_noise_multiplier'],
+                                                cfg['dp_max_grad_norm'], dp_history, shuffle)
         if progress is not None:
-            progress.update(n * cfg['local_epochs'])
+            progress.update(n * epochs)
     else:
         state, n = client_update(model, x, y, cfg['local_epochs'], cfg['batch_size'],
                                  cfg['learning_rate'], precision, shuffle, progress)
@@ -252,7 +261,7 @@ def write_results(cfg, global_state, server, rounds, dp_history, parts, counts, 
                   log=tqdm.write, versions=None):
     """global_model.pth, captured_updates.pt and training_history.json, each written atomically."""
     out = cfg['output_dir']
-    steps_per_round = sum(len(p) for p in parts) * cfg['local_epochs']
+    steps_per_round = sum(len(p) for p in parts) * client_recipe(cfg)[0]
     history = {
         'config': cfg,
         'seed': cfg['seed'],
@@ -290,9 +299,10 @@ def train(cfg, log=tqdm.write, resume=False):
     """
     validate(cfg)
     check_output_dir(cfg['output_dir'], 'main.py')  # before any work: a bad folder fails now, not after a round
-    ckpt = load_checkpoint(cfg) if resume else None
     started = time.perf_counter()
     data, parts, counts, unheld = load_partitions(cfg, log)
+    cfg = with_dp_noise(cfg, [len(p) for p in parts], log)
+    ckpt = load_checkpoint(cfg) if resume else None
     device = resolve_device(cfg['device'])
     precision = resolve_precision(cfg['precision'], device)
     model, global_state = init_model(cfg, device)
@@ -305,7 +315,7 @@ def train(cfg, log=tqdm.write, resume=False):
     dp_history = [[] for _ in parts]  # each client's Opacus RDP accountant history
     if defenses:
         log(f"defenses: {', '.join(defenses)}")
-    log(f"training {cfg['num_clients']} clients x {cfg['num_rounds']} rounds x {cfg['local_epochs']} local epochs "
+    log(f"training {cfg['num_clients']} clients x {cfg['num_rounds']} rounds x {client_recipe(cfg)[0]} local epochs "
         f"on {cfg['dataset']} ({len(data.train_labels)} train / {len(test_y)} test, {cfg['data_distribution']}) "
         f"on {device} in {precision}")
     rounds, elapsed_before, first_round = [], 0.0, 1
@@ -317,7 +327,7 @@ def train(cfg, log=tqdm.write, resume=False):
         log(f'resuming after round {ckpt["round"]}')
     out = cfg['output_dir']
     os.makedirs(out, exist_ok=True)
-    steps_per_round = sum(len(p) for p in parts) * cfg['local_epochs']
+    steps_per_round = sum(len(p) for p in parts) * client_recipe(cfg)[0]
     bar = tqdm(range(first_round, cfg['num_rounds'] + 1), desc='rounds', unit='round',
                initial=first_round - 1, total=cfg['num_rounds'])
     crafted = crafted_rounds(cfg)

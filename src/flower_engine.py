@@ -29,6 +29,7 @@ from flwr.serverapp.strategy import FedAvg  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from src import federated as fed  # noqa: E402
+from src.defenses import client_recipe, with_dp_noise  # noqa: E402
 from src.model import CNN  # noqa: E402
 from src.server import evaluate  # noqa: E402
 from src.utils import check_output_dir, resolve_device, resolve_precision  # noqa: E402
@@ -137,16 +138,19 @@ class CuriousFedAvg(FedAvg):
 def run_server(grid: Grid, cfg, log=tqdm.write, loaded=None, started=None):
     """The ServerApp's work: set up as the built-in engine does, run the strategy, write the same files."""
     started = started or time.perf_counter()
-    fed.validate(cfg)
+    if loaded is None:  # called on its own: set up as train_flower does
+        fed.validate(cfg)
+        loaded = fed.load_partitions(cfg, log)
+        cfg = with_dp_noise(cfg, [len(p) for p in loaded[1]], log)
     check_output_dir(cfg['output_dir'], 'main.py')
-    data, parts, counts, unheld = loaded or fed.load_partitions(cfg, log)
+    data, parts, counts, unheld = loaded
     device = resolve_device(cfg['device'])
     precision = resolve_precision(cfg['precision'], device)
     model, global_state = fed.init_model(cfg, device)
     test_x, test_y = fed.eval_tensors(data, device)
     server = fed.make_server(cfg)
     strategy = CuriousFedAvg(cfg, server, global_state, model, test_x, test_y, log)
-    log(f"training on Flower: {cfg['num_clients']} clients x {cfg['num_rounds']} rounds x {cfg['local_epochs']} "
+    log(f"training on Flower: {cfg['num_clients']} clients x {cfg['num_rounds']} rounds x {client_recipe(cfg)[0]} "
         f"local epochs on {cfg['dataset']} ({cfg['data_distribution']})")
     try:
         strategy.start(grid=grid, initial_arrays=ArrayRecord.from_torch_state_dict(global_state),
@@ -172,7 +176,9 @@ def train_flower(cfg, log=tqdm.write):
     from flwr.simulation import run_simulation
 
     started = time.perf_counter()
+    fed.validate(cfg)
     loaded = fed.load_partitions(cfg, log)  # bad data fails here, before Ray starts
+    cfg = with_dp_noise(cfg, [len(p) for p in loaded[1]], log)
     device = resolve_device(cfg['device'])
     result = {}
     app = ServerApp()

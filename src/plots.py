@@ -1,4 +1,5 @@
-"""Image grids drawn with matplotlib (torchvision's save_image is not importable with CPU torch here)."""
+"""Figures drawn with matplotlib: image grids (torchvision's save_image is not importable with CPU torch here)
+and ROC curves."""
 import matplotlib
 
 matplotlib.use('Agg')
@@ -33,6 +34,22 @@ def save_image_grid(path, rows, titles=None, row_labels=None, suptitle=None, cel
             axes[i][0].set_ylabel(row_labels[i], fontsize=8)
     if suptitle:
         fig.suptitle(suptitle, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format='png')
+    plt.close(fig)
+
+
+def save_roc_curves(path, curves, title):
+    """Log-log ROC curves (as LiRA draws them: the low-FPR end is what matters). curves: {label: (fpr, tpr)};
+    a label containing 'no attack' is drawn dashed."""
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    for label, (fpr, tpr) in curves.items():
+        ax.plot(np.maximum(fpr, 1e-5), np.maximum(tpr, 1e-5), ls='--' if 'no attack' in label else '-', label=label)
+    ax.plot([1e-5, 1], [1e-5, 1], color='gray', lw=0.8, ls=':', label='chance')
+    ax.set(xscale='log', yscale='log', xlim=(1e-3, 1), ylim=(1e-3, 1), xlabel='false positive rate',
+           ylabel='true positive rate', title=title)
+    ax.legend(fontsize=7, loc='lower right')
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format='png')

@@ -14,7 +14,8 @@ from tests.conftest import make_idx_dir, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--gi-images', '2', '--gi-iterations', '5', '--gi-rounds-steps', '2', '--mi-steps', '3', '--mi-restarts', '1',
-        '--gmi-gan-steps', '5', '--gmi-steps', '3', '--gmi-restarts', '1', '--device', 'cpu']
+        '--gmi-gan-steps', '5', '--gmi-steps', '3', '--gmi-restarts', '1', '--mia-shadows', '2', '--mia-candidates', '50',
+        '--device', 'cpu']
 
 
 def test_the_attackers_view_has_no_field_for_private_data():

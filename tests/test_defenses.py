@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from src.defenses import clip_and_noise, dp_client_update, epsilon, prune, update_epsilon
 from src.federated import train
 from src.model import CNN
+from src.utils import UserError
 from tests.conftest import tiny_config
 
 QUIET = lambda *a: None  # noqa: E731
@@ -201,7 +202,7 @@ def test_secure_aggregation_keeps_no_individual_update(idx_dir, tmp_path):
 
 def test_training_with_composed_defenses_reports_privacy(idx_dir, tmp_path):
     cfg = tiny_config(idx_dir, tmp_path, num_rounds=2, dp_noise_multiplier=1.0, update_clip=5.0,
-                      update_noise=0.1, keep_fraction=0.5)
+                      update_noise=0.1, keep_fraction=0.5, dp_local_epochs=1, dp_batch_size=64)
     history = train(cfg, log=QUIET)
     assert history['defenses'] == ['dp_sgd', 'update_clip_noise', 'pruning']
     dp = history['privacy']['dp_sgd']
@@ -237,3 +238,31 @@ def test_sweep_resumes_and_writes_its_outputs(idx_dir, tmp_path):
     again = sweep(base, args, grid, ['model'], str(out), log=logs.append)  # an interrupted sweep's rerun
     assert sum('done earlier, reusing' in line for line in logs) == 2  # nothing was trained again
     assert [p['test_accuracy'] for p in again['points']] == [p['test_accuracy'] for p in first['points']]
+
+
+@pytest.mark.parametrize('target', [0.5, 3.0, 8.0])
+@pytest.mark.parametrize('sizes,batch,epochs,rounds', [([1600] * 5, 64, 1, 10), ([100, 250, 37], 32, 3, 4)])
+def test_noise_for_epsilon_round_trips_through_the_accountant(target, sizes, batch, epochs, rounds):
+    from src.defenses import noise_for_epsilon
+    sigma = noise_for_epsilon(target, 1e-5, sizes, batch, epochs, rounds)
+    spent = []
+    for n in sizes:
+        steps = math.ceil(n / batch)
+        spent.append(opacus_epsilon([(sigma, 1 / steps, steps * epochs * rounds)], 1e-5))
+    assert max(spent) <= target and max(spent) > 0.97 * target  # at most the target, and not far below it
+
+
+def test_training_at_a_target_epsilon_spends_at_most_it(idx_dir, tmp_path):
+    cfg = tiny_config(idx_dir, tmp_path, num_rounds=2, dp_epsilon=2.0, dp_local_epochs=2, dp_batch_size=32,
+                      dp_learning_rate=0.3)
+    history = train(cfg, log=QUIET)
+    dp = history['privacy']['dp_sgd']
+    assert history['defenses'] == ['dp_sgd'] and 1.9 < dp['epsilon'] <= 2.0
+    assert history['config']['dp_noise_multiplier'] == dp['noise_multiplier'] > 0
+    record = torch.load(tmp_path / 'captured_updates.pt', weights_only=True)
+    assert (record['meta']['learning_rate'], record['meta']['batch_size'], record['meta']['local_epochs']) == (0.3, 32, 2)
+
+
+def test_target_epsilon_and_noise_multiplier_are_not_both_given(idx_dir, tmp_path):
+    with pytest.raises(UserError, match='not both'):
+        train(tiny_config(idx_dir, tmp_path, dp_epsilon=3.0, dp_noise_multiplier=1.0), log=QUIET)

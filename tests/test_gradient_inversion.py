@@ -75,7 +75,8 @@ def test_per_example_client_gradients_are_the_batch_gradient_split_under_the_sam
 
 
 def dp_config(sigma, clip):
-    return {'dp_noise_multiplier': sigma, 'dp_max_grad_norm': clip, 'learning_rate': 0.1}
+    return {'dp_noise_multiplier': sigma, 'dp_max_grad_norm': clip, 'dp_learning_rate': 0.1, 'dp_local_epochs': 1,
+            'dp_batch_size': 64}
 
 
 def example_norms(each):

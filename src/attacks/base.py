@@ -63,6 +63,8 @@ class PrivateData:
 class Observation:
     sent: Any                  # what the server receives: enters AttackerView.observed
     truth: Any = None          # what the clients used (images, labels, indices): for score only
+    public_withheld: Any = None  # indices into the public split the server loses for this attack (e.g. a
+    #                              membership game's non-members): run() sees public_x/public_y without them
 
 
 @dataclass

@@ -4,12 +4,17 @@ import dataclasses
 import importlib
 import time
 
+import torch
+
 ATTACKS = {  # --attacks name -> 'module:Class'; adding an attack is one line here and one file
     'gradient': 'src.attacks.gradient_inversion:GradientInversion',
     'model': 'src.attacks.model_inversion:ModelInversion',
     'gan': 'src.attacks.gan_inversion:GanInversion',
     'malicious': 'src.attacks.malicious_server:MaliciousServer',  # skips (one note) without crafted rounds
+    'membership': 'src.attacks.membership:MembershipInference',
 }
+# what --attacks runs when not given: membership inference trains 17 models, so it is asked for by name
+DEFAULT_ATTACKS = ('gradient', 'model', 'gan', 'malicious')
 
 
 def get(name):
@@ -24,7 +29,8 @@ def all_attacks():
 
 def add_arguments(parser):
     """The flags every attack run shares, then every attack's own flags under its heading."""
-    parser.add_argument('--attacks', default=','.join(ATTACKS), help=f"comma-separated subset of {','.join(ATTACKS)}")
+    parser.add_argument('--attacks', default=','.join(DEFAULT_ATTACKS),
+                        help=f"comma-separated subset of {','.join(ATTACKS)} (default: {','.join(DEFAULT_ATTACKS)})")
     parser.add_argument('--output-dir', default='attack_results')
     parser.add_argument('--cache-dir', default='cache', help='trained evaluation classifiers and GANs are kept here')
     parser.add_argument('--seed', type=int, default=0)
@@ -66,6 +72,10 @@ def run_attacks(view, private, args, out_dir, names, log=print):
         t0 = time.perf_counter()
         observation = attack.observe(private, view, args)
         attack_view = dataclasses.replace(view, observed=observation.sent if observation else None)
+        if observation and observation.public_withheld is not None:
+            keep = torch.ones(len(view.public_y), dtype=torch.bool, device=view.public_y.device)
+            keep[torch.as_tensor(observation.public_withheld, device=keep.device)] = False
+            attack_view = dataclasses.replace(attack_view, public_x=view.public_x[keep], public_y=view.public_y[keep])
         result = attack.run(attack_view, args)
         report = attack.score(result, private, observation.truth if observation else None, attack_view, args, out_dir)
         report.metrics['seconds'] = time.perf_counter() - t0
@@ -82,7 +92,6 @@ def write_results(view, private, args, out_dir, model_path, log=print):
     import platform
 
     import numpy as np
-    import torch
 
     from src.report import write_report
     from src.utils import atomic_path, save_json
