@@ -31,8 +31,8 @@ CONFIG = {
     # what a client trains with under DP-SGD instead of local_epochs / batch_size / learning_rate: clipped,
     # noised gradients need larger batches and steps (tuned on seed 1: README, "DP-SGD that learns")
     'dp_local_epochs': 1,
-    'dp_batch_size': 64,
-    'dp_learning_rate': 0.5,
+    'dp_batch_size': 128,
+    'dp_learning_rate': 1.0,
     'update_clip': 0.0,             # clip each client's update to this L2 norm; 0 = off
     'update_noise': 0.0,            # Gaussian noise on the clipped update, std = update_noise * update_clip
     'keep_fraction': 1.0,           # prune each update tensor to this top fraction by magnitude; 1 = off

@@ -79,10 +79,10 @@ def main():
                                                           'dp_max_grad_norm')), flush=True)
     root = tempfile.mkdtemp(prefix='bench_privacy_')
     jobs = [(0, 'mnist', args.data_dir, os.path.join(root, 'none'), args.seed)]
-    jobs += [(e, 'mnist', args.data_dir, os.path.join(root, f'eps{e}'), args.seed) for e in args.epsilons]
-    if args.fashion_dir:
+    if args.fashion_dir:  # the long ones first, so that one core takes them while the other does the rest
         jobs += [(e, 'fashion-mnist', args.fashion_dir, os.path.join(root, f'fashion-eps{e}'), args.seed)
                  for e in args.fashion_epsilons]
+    jobs += [(e, 'mnist', args.data_dir, os.path.join(root, f'eps{e}'), args.seed) for e in args.epsilons]
     runs = []
     with Pool(args.workers) as pool:
         for r in pool.imap(train_one, jobs):
@@ -102,7 +102,7 @@ def main():
                                               if r['dataset'] == 'mnist' and r['target_epsilon'] == args.audit_epsilon]
     for key, run in audits:
         m, seconds = membership(run['folder'], args.data_dir, args.shadows, args.seed)
-        update = m['client_update']['headline']
+        update = m['client_update']['headline'] if m['client_update']['rounds'] else None
         results[key] = {'shadow_models': args.shadows, 'seconds': seconds, 'accountant_epsilon': run['epsilon'],
                         'final_model': brief(m['final_model']['lira']),
                         'final_model_loss_threshold': brief(m['final_model']['loss_threshold']),

@@ -191,7 +191,7 @@ def defend_gradients(grads, cfg, generator, examples=None):
             g = {k: (summed[k] + sigma * clip * torch.randn(summed[k].shape, generator=generator,
                                                             dtype=torch.float32).to(summed[k].device)) / batch
                  for k in names}
-        lr = client_recipe(cfg)[2]
+        lr = cfg['dp_learning_rate'] if dp else cfg['learning_rate']  # the client's step size (client_recipe)
         step = {k: -lr * v for k, v in g.items()}
         step = defend_update(step, cfg, generator)
         rows.append({k: -v / lr for k, v in step.items()})

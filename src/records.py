@@ -99,7 +99,7 @@ def load_captured(path, expected_shapes):
                 got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                 raise bad(f'{field}[{name!r}]', f'a float tensor of shape {tuple(shape)}, not {got}')
 
-    if not isinstance(record, dict) or record.get('format') != 1:
+    if not isinstance(record, dict) or not _is_int(record.get('format')) or record['format'] != 1:
         raise bad('the file', 'a record written by main.py (format 1)')
     if not isinstance(record.get('meta'), dict):
         raise bad('meta', 'a dict of the training protocol (batch size, learning rate, local epochs)')

@@ -1,4 +1,4 @@
-"""Train a tiny run, attack it with all three attacks, check every output file and the report."""
+"""Train a tiny run, attack it with every attack, check every output file and the report."""
 import json
 import os
 
@@ -13,7 +13,8 @@ from tests.conftest import tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ATTACKS = ['--gi-images', '2', '--gi-iterations', '10', '--gi-rounds-steps', '2', '--mi-steps', '5',
                 '--mi-restarts', '2', '--gmi-gan-steps', '20', '--gmi-steps', '5', '--gmi-restarts', '2',
-                '--device', 'cpu']
+                '--mia-shadows', '2', '--mia-candidates', '50', '--device', 'cpu']
+EVERY_ATTACK = ['--attacks', 'gradient,model,gan,malicious,membership']  # membership is asked for by name
 
 
 @pytest.fixture(scope='module')
@@ -24,7 +25,7 @@ def attacked(tmp_path_factory):
     train(tiny_config(data_dir, base / 'run'), log=lambda *a: None)
     out = base / 'attack_results'
     run_all_attacks.main(['--model', str(base / 'run' / 'global_model.pth'), '--output-dir', str(out),
-                          '--cache-dir', str(base / 'cache'), *TINY_ATTACKS])
+                          '--cache-dir', str(base / 'cache'), *TINY_ATTACKS, *EVERY_ATTACK])
     return out
 
 

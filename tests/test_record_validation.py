@@ -340,6 +340,16 @@ def test_captured_file_of_another_shape_is_one_user_error(originals, whole):
         records().load_captured(path, shapes())
 
 
+def test_captured_format_that_is_a_tensor_is_one_user_error(originals):
+    """Found by the property test above: comparing a tensor 'format' with 1 raised torch's RuntimeError."""
+    record = torch.load(originals['plain'] / 'captured_updates.pt', weights_only=True)
+    record['format'] = torch.zeros(3)
+    path = str(originals['scratch'] / 'captured_tensor_format.pt')
+    torch.save(record, path)
+    with pytest.raises(UserError, match='format 1'):
+        records().load_captured(path, shapes())
+
+
 def test_truncated_captured_file_is_one_user_error(originals):
     blob = (originals['plain'] / 'captured_updates.pt').read_bytes()
     path = originals['scratch'] / 'captured_truncated.pt'

@@ -23,8 +23,9 @@ Two views the server really has:
 
 No-attack baseline: the same scores against a reference model and a reference update (from the same sent
 weights) trained on the server's public data only, which saw no candidate. Their AUC is what member and
-non-member images differ by as DATA (mnist-10k's test digits come from the harder half of MNIST's test set),
-not by membership: an attack counts by how far it lies above that, not above 0.5.
+non-member images differ by as DATA (mnist-10k's test digits are all from NIST SD-1's writers, 5,000 of its
+8,000 training digits from SD-3's), not by membership: an attack counts by how far it lies above that, not
+above 0.5.
 
 Empirical epsilon (Jagielski et al. 2020; Nasr et al. 2021): (eps, delta)-DP bounds every test by
 TPR <= e^eps FPR + delta and TNR <= e^eps FNR + delta, so eps >= ln((TPR - delta) / FPR). The threshold is
@@ -327,8 +328,9 @@ class MembershipInference(Attack):
                'shadow_seconds': time.perf_counter() - started, 'rounds': []}
         for rd in attacked_rounds(view.captured, settings.mia_rounds):
             sent = rd.get('updates') or [{'client': None, **rd['aggregate']}]
-            # the reference update: one client's local training from the same sent weights, on public data only
-            n_client = int(np.median([u['num_samples'] for u in sent]) / (len(sent) if 'aggregate' in rd else 1))
+            # the reference update: a client's local training from the same sent weights, on public data only
+            # (as many images as a client holds, or the aggregate's total, up to half the public data)
+            n_client = int(np.median([u['num_samples'] for u in sent]))
             reference = train_models(view.public_x, view.public_y, 1, min(half, max(1, n_client)),
                                      (view.config['local_epochs'],) + recipe[1:], derive_seed(settings.seed, rd['round']),
                                      view.device, global_state={k: v.to(view.device) for k, v in rd['global_state'].items()})[0]
@@ -371,7 +373,7 @@ class MembershipInference(Attack):
             update = {'test': headline_test, 'headline': dict(rounds[-1][headline_test], round=rounds[-1]['round']),
                       'rounds': rounds}
         else:
-            update = {'headline': None, 'rounds': [],
+            update = {'headline': {'auc': None, 'no_attack_baseline': {'auc': None}}, 'rounds': [],
                       'unavailable': 'the server recorded no honest round (captured_updates.pt absent or empty)'}
         accountant = view.training.get('privacy', {}).get('dp_sgd', {}).get('epsilon')
         lira, h = final['lira'], update['headline']
@@ -380,7 +382,7 @@ class MembershipInference(Attack):
                         f"(reference model, no attack: AUC {final['no_attack_baseline']['lira']['auc']:.3f}); loss "
                         f"threshold AUC {final['loss_threshold']['auc']:.3f}; "
                         + (f"round {h['round']} update: AUC {h['auc']:.3f} (reference update "
-                           f"{h['no_attack_baseline']['auc']:.3f}); " if h else 'no client update recorded; ')
+                           f"{h['no_attack_baseline']['auc']:.3f}); " if 'round' in h else 'no client update recorded; ')
                         + f"empirical epsilon >= {lira['empirical_epsilon']:.2f}"
                         + (f" (accountant: {accountant:.2f})" if accountant is not None else '')),
             'seed': seed,
