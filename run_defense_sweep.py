@@ -22,7 +22,7 @@ def parse_args(argv=None):
     p.add_argument('--dataset', choices=['mnist', 'fashion-mnist'])
     p.add_argument('--data-dir')
     p.add_argument('--distribution', dest='data_distribution', choices=['iid', 'non_iid', 'shards', 'dirichlet'])
-    runner.add_arguments(p)
+    runner.add_arguments(p, default_attacks=('gradient', 'model', 'gan', 'membership'))  # what a sweep can train
     p.set_defaults(output_dir='defense_results')
     return runner.parse_args(p, argv)
 

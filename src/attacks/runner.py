@@ -27,10 +27,10 @@ def all_attacks():
     return [get(name) for name in ATTACKS]
 
 
-def add_arguments(parser):
+def add_arguments(parser, default_attacks=DEFAULT_ATTACKS):
     """The flags every attack run shares, then every attack's own flags under its heading."""
-    parser.add_argument('--attacks', default=','.join(DEFAULT_ATTACKS),
-                        help=f"comma-separated subset of {','.join(ATTACKS)} (default: {','.join(DEFAULT_ATTACKS)})")
+    parser.add_argument('--attacks', default=','.join(default_attacks),
+                        help=f"comma-separated subset of {','.join(ATTACKS)} (default: {','.join(default_attacks)})")
     parser.add_argument('--output-dir', default='attack_results')
     parser.add_argument('--cache-dir', default='cache', help='trained evaluation classifiers and GANs are kept here')
     parser.add_argument('--seed', type=int, default=0)
