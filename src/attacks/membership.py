@@ -349,8 +349,7 @@ class MembershipInference(Attack):
         curves = {}
 
         def play(name, scores, is_member):
-            metrics, curves[name] = game(scores.cpu().numpy() if torch.is_tensor(scores) else scores, is_member,
-                                         delta, seed)
+            metrics, curves[name] = game(scores.cpu().numpy(), is_member, delta, seed)
             return metrics
 
         final = {'lira': play('LiRA (final model)', result['lira'], member),
@@ -399,7 +398,8 @@ class MembershipInference(Attack):
                          'record of client updates and the weights it sent (white box), its public data less the '
                          'withheld non-members, and the candidates\' images and labels',
                 'does_not_know': 'which candidates are members',
-                'variant': 'LiRA offline (shadows never train on a candidate), fixed variance',
+                'variant': 'LiRA offline (shadows never train on a candidate), fixed variance; shadows and '
+                           "reference train with the protocol's plain (non-DP) settings",
                 'game': f"{lira['members']} members drawn from all clients' training images, as many non-members "
                         'withheld from the public test split; threshold for the epsilon bound chosen on one half, '
                         f'bound measured on the other, Clopper-Pearson {CONFIDENCE:.0%}',
