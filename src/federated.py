@@ -5,8 +5,6 @@ import platform
 import queue
 import time
 
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -20,8 +18,8 @@ from src.malicious import build_model, craft, crafted_rounds, refusing_clients, 
 from src.model import CNN
 from src.partition import DISTRIBUTIONS, partition
 from src.server import CuriousServer, evaluate, parse_capture_rounds
-from src.utils import UserError, check_finite, check_output_dir, check_seed, derive_seed, load_torch, resolve_device, \
-    resolve_precision, save_json, save_torch, sha256_of_arrays
+from src.utils import UserError, check_finite, check_output_dir, check_seed, derive_seed, load_torch, \
+    map_in_threads, resolve_device, resolve_precision, save_json, save_torch, sha256_of_arrays
 
 
 FLAGS = {'num_clients': '--clients', 'num_rounds': '--rounds', 'learning_rate': '--lr', 'dirichlet_alpha': '--alpha',
@@ -248,13 +246,7 @@ def train_round(cfg, models, global_state, client_data, r, precision, dp_history
         finally:
             free.put(m)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # new threads take this on their first operation
-    try:
-        with ThreadPoolExecutor(len(models)) as pool:
-            return list(pool.map(with_free_model, range(len(client_data))))
-    finally:
-        torch.set_num_threads(threads)
+    return map_in_threads(with_free_model, range(len(client_data)), len(models))
 
 
 def write_results(cfg, global_state, server, rounds, dp_history, parts, counts, unheld, device, precision, wall,

@@ -7,6 +7,7 @@ import math
 import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from tqdm import tqdm
@@ -279,6 +280,20 @@ def autocast(device, precision):
     if precision == 'bf16':
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def map_in_threads(fn, items, workers):
+    """[fn(item) for item in items] on `workers` threads, each doing its arithmetic in one intra-op thread:
+    on a CPU, independent small models train faster side by side than one after another on all cores."""
+    if workers <= 1:
+        return [fn(item) for item in items]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # new threads take this on their first operation
+    try:
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(fn, items))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def derive_seed(*parts):

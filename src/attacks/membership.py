@@ -34,7 +34,6 @@ intervals (TPR at its lower end, FPR at its upper end), so a small sample cannot
 """
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -46,7 +45,7 @@ from src.attacks.base import Attack, Observation, Report
 from src.client import client_update
 from src.model import CNN
 from src.plots import save_roc_curves
-from src.utils import UserError, derive_seed, resolve_precision
+from src.utils import UserError, derive_seed, map_in_threads, resolve_precision
 
 FPRS = {'tpr_at_0_1pct_fpr': 0.001, 'tpr_at_1pct_fpr': 0.01}
 CONFIDENCE = 0.95  # of the Clopper-Pearson intervals behind the empirical epsilon
@@ -100,14 +99,7 @@ def train_models(pool_x, pool_y, count, size, recipe, seed, device, global_state
         model, x, y, order = job
         return client_update(model, x, y, epochs, batch_size, lr, precision, order)[0]
 
-    workers = 1 if device.type != 'cpu' else max(1, min(count, torch.get_num_threads()))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1 if workers > 1 else threads)
-    try:
-        with ThreadPoolExecutor(workers) as pool:
-            return list(pool.map(one, jobs))
-    finally:
-        torch.set_num_threads(threads)
+    return map_in_threads(one, jobs, 1 if device.type != 'cpu' else min(count, torch.get_num_threads()))
 
 
 @torch.no_grad()
