@@ -300,6 +300,7 @@ class MembershipInference(Attack):
         """Scores per candidate (higher = member) from the final model, the recorded updates and public data."""
         check_args(settings)
         x, y = view.observed['x'].to(view.device), view.observed['y'].to(view.device)
+        rounds = attacked_rounds(view.captured, settings.mia_rounds)  # a round not recorded fails before any work
         started = time.perf_counter()
         recipe = training_recipe(view.config)
         half = len(view.public_y) // 2
@@ -318,7 +319,7 @@ class MembershipInference(Attack):
         out = {'lira': (logit_confidence(view.model, x, y) - mu) / sigma, 'loss': -example_losses(view.model, x, y),
                'lira_reference': (phi_reference - mu) / sigma, 'loss_reference': -reference_loss,
                'shadow_seconds': time.perf_counter() - started, 'rounds': []}
-        for rd in attacked_rounds(view.captured, settings.mia_rounds):
+        for rd in rounds:
             sent = rd.get('updates') or [{'client': None, **rd['aggregate']}]
             # the reference update: a client's local training from the same sent weights, on public data only
             # (as many images as a client holds, or the aggregate's total, up to half the public data)
