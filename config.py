@@ -33,6 +33,7 @@ CONFIG = {
     'dp_local_epochs': 1,
     'dp_batch_size': 128,
     'dp_learning_rate': 1.0,
+    'dp_dropout': 0.0,              # the model's dropout under DP-SGD: its masks only add noise to clipped gradients
     'update_clip': 0.0,             # clip each client's update to this L2 norm; 0 = off
     'update_noise': 0.0,            # Gaussian noise on the clipped update, std = update_noise * update_clip
     'keep_fraction': 1.0,           # prune each update tensor to this top fraction by magnitude; 1 = off

@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p.add_argument('--dp-local-epochs', type=int, help='local epochs under DP-SGD (instead of --local-epochs)')
     p.add_argument('--dp-batch-size', type=int, help='expected batch size under DP-SGD (Poisson sampling)')
     p.add_argument('--dp-lr', dest='dp_learning_rate', type=float, help='client learning rate under DP-SGD')
+    p.add_argument('--dp-dropout', type=float, help="the model's dropout probability under DP-SGD")
     p.add_argument('--update-clip', type=float, help="clip each client's update to this L2 norm; 0 = off")
     p.add_argument('--update-noise', type=float, help='Gaussian noise on the clipped update, in units of --update-clip')
     p.add_argument('--keep-fraction', type=float, help='prune each update to this top fraction by magnitude')

@@ -22,7 +22,9 @@ def parse_args(argv=None):
     p.add_argument('--dataset', choices=['mnist', 'fashion-mnist'])
     p.add_argument('--data-dir')
     p.add_argument('--distribution', dest='data_distribution', choices=['iid', 'non_iid', 'shards', 'dirichlet'])
-    runner.add_arguments(p, default_attacks=('gradient', 'model', 'gan', 'membership'))  # what a sweep can train
+    p.add_argument('--malicious-attack', choices=['imprint', 'loki', 'fc1'],
+                   help="the malicious server's crafted model, sent in one extra round after training (config.py)")
+    runner.add_arguments(p, default_attacks=('gradient', 'model', 'gan', 'membership', 'malicious'))
     p.set_defaults(output_dir='defense_results')
     return runner.parse_args(p, argv)
 
@@ -40,7 +42,8 @@ def main(argv=None):
             sys.exit(f"error: --set {item!r}: use DEFENSE=V1,V2 with DEFENSE one of {', '.join(g[0] for g in grid)}")
         match[0][2] = [float(v) for v in values.split(',')]
     cfg = config.resolve(args.config, {'dataset': args.dataset, 'data_dir': args.data_dir, 'seed': args.seed,
-                                       'data_distribution': args.data_distribution, 'device': args.device})
+                                       'data_distribution': args.data_distribution, 'device': args.device,
+                                       'malicious_attack': args.malicious_attack})
     try:
         runner.check_args(args)
         sweep(cfg, args, grid, args.attacks, args.output_dir)

@@ -51,6 +51,14 @@ def grid_points(grid):
     return points
 
 
+def with_crafted_round(cfg):
+    """cfg plus one crafted round after the last honest one, for the malicious-server attack: the clients
+    train it (and, under DP, spend privacy on it: the noise is set for every round they train), the server
+    reads it out and does not aggregate it, so the final model is the one the honest rounds trained."""
+    rounds = cfg['num_rounds'] + 1
+    return dict(cfg, server='malicious', malicious_rounds=str(rounds), num_rounds=rounds)
+
+
 def summarise(metrics, attacks):
     """The numbers the trade-off is judged by: every headline number each attack declares,
     as {'<metrics key>.<path>': value}."""
@@ -82,14 +90,16 @@ def run_point(base_cfg, overrides, attack_args, attacks, folder, log):
     return point
 
 
-def sweep(base_cfg, attack_args, grid, attacks=('gradient', 'model', 'gan', 'membership'), out_dir='defense_results',
-          log=tqdm.write):
+def sweep(base_cfg, attack_args, grid, attacks=('gradient', 'model', 'gan', 'membership', 'malicious'),
+          out_dir='defense_results', log=tqdm.write):
     """Run (or resume) the sweep over `grid` (a GRIDS value); write defense_sweep.json and
     defense_tradeoff.png to out_dir. Points are kept in out_dir/defense_sweep/<point>/, named by
     their settings, so a changed grid reuses the points it shares with an earlier one."""
     started = time.perf_counter()
     check_output_dir(out_dir, 'run_defense_sweep')
     sweep_dir = os.path.join(out_dir, 'defense_sweep')
+    if 'malicious' in attacks:
+        base_cfg = with_crafted_round(base_cfg)
     rows = []
     for name, defense, setting, value, overrides in tqdm(grid_points(grid), desc='defense sweep'):
         folder = os.path.join(sweep_dir, name)

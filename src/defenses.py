@@ -85,7 +85,10 @@ def dp_client_update(model, images, labels, epochs, batch_size, lr, noise_multip
     so the privacy spent keeps accumulating across rounds and survives a resume.
     """
     model.train()
-    with warnings.catch_warnings():
+    # Opacus draws the Poisson batches from torch's global RNG (its own generator only in secure_mode):
+    # seed that from this client's generator, in a fork, so the update depends on the seeds alone
+    with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(torch.randint(2 ** 62, (1,), generator=generator)))
         # expected, said once in the README rather than every client-round: a seeded (not
         # cryptographic) noise RNG, which reproducibility needs; and hooks on an input without gradient
         warnings.filterwarnings('ignore', message='Secure RNG turned off')

@@ -46,6 +46,7 @@ def validate(cfg):
         (cfg['dp_local_epochs'] >= 1, f"dp_local_epochs={cfg['dp_local_epochs']}: need at least 1 (--dp-local-epochs)"),
         (cfg['dp_batch_size'] >= 1, f"dp_batch_size={cfg['dp_batch_size']}: need at least 1 (--dp-batch-size)"),
         (cfg['dp_learning_rate'] > 0, f"dp_learning_rate={cfg['dp_learning_rate']}: must be positive (--dp-lr)"),
+        (0 <= cfg['dp_dropout'] < 1, f"dp_dropout={cfg['dp_dropout']}: must be in [0, 1) (--dp-dropout)"),
         (cfg['dp_max_grad_norm'] > 0, f"dp_max_grad_norm={cfg['dp_max_grad_norm']}: must be > 0 (--dp-clip)"),
         (0 < cfg['dp_delta'] < 1, f"dp_delta={cfg['dp_delta']}: must be in (0, 1) (--dp-delta)"),
         (cfg['update_clip'] >= 0, f"update_clip={cfg['update_clip']}: must be >= 0 (--update-clip)"),
@@ -194,6 +195,7 @@ def local_update(cfg, model, global_state, x, y, r, c, precision, dp_history, pr
         dp_model = build_model(global_state).to(x.device)  # the architecture it was sent
         dp_model.load_state_dict(global_state)
         dp_model.dropout.generator = model.dropout.generator
+        dp_model.dropout.p = cfg['dp_dropout']
         epochs, batch_size, lr = client_recipe(cfg)
         state, n, dp_history = dp_client_update(dp_model, x, y, epochs, batch_size, lr, cfg['dp_noise_multiplier'],
                                                 cfg['dp_max_grad_norm'], dp_history, shuffle)

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -11,7 +12,7 @@ from src.defenses import clip_and_noise, dp_client_update, epsilon, prune, updat
 from src.federated import train
 from src.model import CNN
 from src.utils import UserError
-from tests.conftest import tiny_config
+from tests.conftest import make_idx_dir, tiny_config
 
 QUIET = lambda *a: None  # noqa: E731
 
@@ -266,3 +267,44 @@ def test_training_at_a_target_epsilon_spends_at_most_it(idx_dir, tmp_path):
 def test_target_epsilon_and_noise_multiplier_are_not_both_given(idx_dir, tmp_path):
     with pytest.raises(UserError, match='not both'):
         train(tiny_config(idx_dir, tmp_path, dp_epsilon=3.0, dp_noise_multiplier=1.0), log=QUIET)
+
+
+def test_sweep_reads_a_crafted_round_after_training_and_defenses_blunt_it(tmp_path):
+    """With the malicious attack the sweep adds one crafted round after the honest ones: each point's
+    clients train it under that point's defense, the global model stays the honest rounds' one."""
+    import run_defense_sweep
+    from src.defense_sweep import sweep
+
+    data = make_idx_dir(tmp_path / 'data', n_train=300, n_test=200)
+    args = run_defense_sweep.parse_args(['--attacks', 'malicious', '--device', 'cpu',
+                                         '--cache-dir', str(tmp_path / 'cache')])
+    base = tiny_config(data, tmp_path / 'unused', num_rounds=1, precision='fp32', malicious_bins=600)
+    grid = [('dp_sgd', 'dp_noise_multiplier', [1.0])]
+    result = sweep(base, args, grid, ['malicious'], str(tmp_path / 'sweep'), log=QUIET)
+    none, dp = result['points']
+    assert none['config']['num_rounds'] == 2 and none['config']['malicious_rounds'] == '2'
+    history = json.loads((tmp_path / 'sweep' / 'defense_sweep' / 'none' / 'training_history.json').read_text())
+    assert [r.get('crafted', False) for r in history['rounds']] == [False, True]
+    assert none['test_accuracy'] == history['rounds'][0]['test_accuracy']  # the crafted round changed nothing
+    assert none['malicious_server.recovered_40db'] > 0.1                    # undefended: images read out
+    assert dp['malicious_server.recovered_40db'] == 0.0                     # per-example clipping + noise: none
+
+
+@pytest.mark.parametrize('dropout', [0.0, 0.5])
+def test_a_dp_client_trains_with_the_dp_dropout(idx_dir, tmp_path, dropout):
+    """local_update under DP-SGD is dp_client_update on the model with dp_dropout, and depends on the seeds
+    alone (Opacus samples its batches from the global RNG, which the two calls leave in different states)."""
+    from src.federated import client_tensors, init_model, load_partitions, local_update
+    from src.utils import derive_seed
+    cfg = tiny_config(idx_dir, tmp_path, dp_noise_multiplier=1.0, dp_batch_size=32, dp_dropout=dropout)
+    data, parts, _, _ = load_partitions(cfg)
+    x, y = client_tensors(data, parts, torch.device('cpu'))[0]
+    model, state = init_model(cfg, torch.device('cpu'))
+    got, _, _ = local_update(cfg, model, state, x, y, 1, 0, 'fp32', [])
+    expected_model = CNN(dropout=dropout)
+    expected_model.load_state_dict(state)
+    expected_model.dropout.generator = torch.Generator().manual_seed(derive_seed(cfg['seed'], 'dropout', 1, 0))
+    expected, _, _ = dp_client_update(expected_model, x, y, cfg['dp_local_epochs'], 32, cfg['dp_learning_rate'], 1.0,
+                                      cfg['dp_max_grad_norm'], [],
+                                      torch.Generator().manual_seed(derive_seed(cfg['seed'], 'shuffle', 1, 0)))
+    assert all(torch.equal(got[k], expected[k]) for k in got)
