@@ -9,7 +9,9 @@ against the non-private model and a DP one (empirical epsilon beside the account
 2. runs the membership attack (src/attacks/membership.py: LiRA offline with --shadows shadow models, the loss
    threshold, and the white-box tests on the recorded client updates) on the non-private model and on the DP
    model at --audit-epsilon, and checks that the empirical epsilon stays below the accountant's;
-3. with --fashion-dir, the DP curve's --fashion-epsilons on Fashion-MNIST (60,000 images: slow).
+3. with --fashion-dir, the DP curve's --fashion-epsilons on Fashion-MNIST (60,000 images: slow);
+0. first, DP-SGD's speed: a client's local training (src.defenses.dp_client_update, Opacus ghost clipping) against
+   the same loop with Opacus's per-example gradient hooks, one thread, alternating, median of --repeats.
 """
 import argparse
 import json
@@ -56,6 +58,32 @@ def membership(folder, data_dir, shadows, seed):
     return m, time.perf_counter() - t0
 
 
+def clipping_speed(data_dir, repeats):
+    """Samples/s of one client's DP-SGD epoch (1,600 real digits, the default batch): ghost clipping, as
+    dp_client_update trains, against Opacus's per-example gradient hooks (the plain Opacus loop)."""
+    import torch
+    from src.data import load_dataset, to_tensor
+    from src.defenses import dp_client_update
+    from src.model import CNN
+    from benchmarks.common import spread
+    torch.set_num_threads(1)
+    data = load_dataset('mnist', data_dir)
+    x, y = to_tensor(data.train_images[:1600], 'cpu'), torch.from_numpy(data.train_labels[:1600].astype('int64'))
+    cfg = config.CONFIG
+    rates = {'ghost': [], 'hooks': []}
+    for _ in range(repeats):
+        for mode in rates:
+            model = CNN(dropout=cfg['dp_dropout'])
+            t0 = time.perf_counter()
+            dp_client_update(model, x, y, 1, cfg['dp_batch_size'], cfg['dp_learning_rate'], 1.0, cfg['dp_max_grad_norm'],
+                             [], torch.Generator().manual_seed(0), grad_sample_mode=mode)
+            rates[mode].append(len(y) / (time.perf_counter() - t0))
+    ratio = [g / h for g, h in zip(rates['ghost'], rates['hooks'])]
+    print(f"DP-SGD samples/s, one thread: ghost clipping {spread(rates['ghost'], '', 0)}, per-example hooks "
+          f"{spread(rates['hooks'], '', 0)}: {spread(ratio, 'x')}", flush=True)
+    return {'ghost_samples_per_s': rates['ghost'], 'hooks_samples_per_s': rates['hooks'], 'ratio': ratio}
+
+
 def brief(game):
     return {'auc': game['auc'], 'tpr_at_0.1pct_fpr': game['tpr_at_0_1pct_fpr'],
             'tpr_at_1pct_fpr': game['tpr_at_1pct_fpr'], 'empirical_epsilon': game['empirical_epsilon']}
@@ -71,9 +99,11 @@ def main():
     p.add_argument('--shadows', type=int, default=16)
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--workers', type=int, default=2)
+    p.add_argument('--repeats', type=int, default=3, help='runs of the clipping speed comparison')
     p.add_argument('--json', help='write the results here')
     args = p.parse_args()
     started = time.perf_counter()
+    speed = clipping_speed(args.data_dir, args.repeats)
     print(f"{time.strftime('%Y-%m-%d')}: standard preset, seed {args.seed}, DP settings from config.py: "
           + ', '.join(f'{k} {config.CONFIG[k]}' for k in ('dp_local_epochs', 'dp_batch_size', 'dp_learning_rate',
                                                           'dp_max_grad_norm')), flush=True)
@@ -95,7 +125,7 @@ def main():
         print(f"DP {r['dataset']}: epsilon {r['epsilon']:.2f} (target {r['target_epsilon']}), sigma "
               f"{r['noise_multiplier']:.3f} -> {r['test_accuracy']:.2%}")
 
-    results = {'non_private_accuracy': non_private['test_accuracy'],
+    results = {'non_private_accuracy': non_private['test_accuracy'], 'dp_clipping_speed': speed,
                'dp': [{k: r[k] for k in ('epsilon', 'delta', 'test_accuracy', 'settings', 'dataset',
                                          'noise_multiplier')} for r in dp]}
     audits = [('membership', non_private)] + [('membership_under_dp', r) for r in dp

@@ -77,7 +77,7 @@ def active(cfg):
 
 
 def dp_client_update(model, images, labels, epochs, batch_size, lr, noise_multiplier, max_grad_norm,
-                     accountant_history, generator):
+                     accountant_history, generator, grad_sample_mode='ghost'):
     """DP-SGD local training with Opacus wrapping the plain SGD loop.
 
     `accountant_history` is this client's RDP history from earlier rounds (a list of
@@ -97,14 +97,23 @@ def dp_client_update(model, images, labels, epochs, batch_size, lr, noise_multip
         engine.accountant.history = [tuple(h) for h in accountant_history]
         optimizer = torch.optim.SGD(model.parameters(), lr=lr)
         loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size)
-        private_model, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=generator)
+        # ghost clipping: per-example gradient norms without materialising per-example gradients, then
+        # a second backward pass of the clipped sum: the step of per-example hooks ('hooks'), faster
+        # (benchmarks/bench_privacy.py measures both)
+        criterion = torch.nn.CrossEntropyLoss()
+        private = engine.make_private(
+            module=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+            noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
+            noise_generator=generator, grad_sample_mode=grad_sample_mode)
+        if grad_sample_mode == 'ghost':  # its loss runs the two backward passes
+            private_model, optimizer, criterion, loader = private
+        else:
+            private_model, optimizer, loader = private
         for _ in range(epochs):
             for x, y in loader:
                 if len(y) == 0:  # Poisson sampling can draw an empty batch: a step with no data
                     continue
-                loss = torch.nn.functional.cross_entropy(private_model(x), y)
+                loss = criterion(private_model(x), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -45,9 +45,11 @@ def test_opacus_clips_per_sample_gradients():
     assert flat_norm(grads) <= 0.5 + 1e-5
 
 
-def test_dp_client_update_is_clipped_per_sample_sgd():
+@pytest.mark.parametrize('mode', ['ghost', 'hooks'])
+def test_dp_client_update_is_clipped_per_sample_sgd(mode):
     """Zero noise, one full batch (Poisson sampling at rate 1 takes every image): the step is exactly
-    -lr * mean over samples of each gradient clipped to C, computed here one sample at a time."""
+    -lr * mean over samples of each gradient clipped to C, computed here one sample at a time, with ghost
+    clipping (the default) and with Opacus's per-example gradients."""
     torch.manual_seed(0)
     x, y = torch.rand(5, 1, 28, 28) * 5, torch.randint(0, 10, (5,))
     start = {k: v.clone() for k, v in CNN(dropout=0.0).state_dict().items()}
@@ -56,7 +58,7 @@ def test_dp_client_update_is_clipped_per_sample_sgd():
     def run(noise, seed=0):
         model = CNN(dropout=0.0)
         model.load_state_dict(start)
-        return dp_client_update(model, x, y, 1, 5, lr, noise, clip, [], torch.Generator().manual_seed(seed))
+        return dp_client_update(model, x, y, 1, 5, lr, noise, clip, [], torch.Generator().manual_seed(seed), mode)
 
     state, n, history = run(0.0)
     assert n == 5 and set(state) == set(start)
