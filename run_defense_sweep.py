@@ -1,4 +1,4 @@
-"""Defenses against the three attacks: the privacy-utility-leakage trade-off.
+"""Defenses against the attacks: the privacy-utility-leakage trade-off.
 
     python run_defense_sweep.py [--grid quick|full] [--config quick] [--data-dir DIR] [--set pruning=0.5,0.1]
 

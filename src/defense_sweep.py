@@ -1,5 +1,6 @@
 """Which defense, at what cost, stops which attack: train under each defense setting, attack the
-result with every attack (membership inference included), and tabulate utility against leakage.
+result with every attack (membership inference and, through one crafted round after training, the
+malicious server included), and tabulate utility against leakage.
 
 Each grid point is written to its own folder (`<sweep>/<point>/`: the model, history, attack
 figures and point.json) atomically, so an interrupted sweep resumes at the first missing point.

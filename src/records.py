@@ -124,6 +124,8 @@ def load_captured(path, expected_shapes):
                     raise bad(f'{field}.updates[{j}].client', 'a client number')
                 if not _is_int(u.get('num_samples')) or u['num_samples'] < 1:
                     raise bad(f'{field}.updates[{j}].num_samples', 'an integer >= 1')
+                if isinstance(u.get('delta'), dict):  # a crafted round's row-sparse tensors (server.compact)
+                    u['delta'] = {k: _dense(v, f'{field}.updates[{j}].delta[{k!r}]', bad) for k, v in u['delta'].items()}
                 check_state(u.get('delta'), f'{field}.updates[{j}].delta')
         elif isinstance(rd.get('aggregate'), dict):
             agg = rd['aggregate']
@@ -136,6 +138,15 @@ def load_captured(path, expected_shapes):
         if 'crafted' in rd:
             _check_crafted(rd, field, bad)
     return record
+
+
+def _dense(t, field, bad):
+    if not isinstance(t, torch.Tensor) or t.layout == torch.strided:
+        return t
+    try:
+        return t.to_dense()
+    except RuntimeError:
+        raise bad(field, 'a readable tensor') from None
 
 
 def _check_crafted(rd, field, bad):

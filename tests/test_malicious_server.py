@@ -194,3 +194,16 @@ def test_impossible_malicious_settings_are_refused_with_the_flag(tmp_path, overr
     cfg = tiny_config(str(tmp_path), tmp_path / 'out', **override)
     with pytest.raises(UserError, match=flag):
         validate(cfg)
+
+
+def test_a_loki_update_is_stored_row_sparse_and_read_back_dense(runs):
+    """Each 'loki' client moves 1/clients of the block's rows: the record keeps those rows only."""
+    base, _ = runs
+    raw = torch.load(base / 'malicious' / 'captured_updates.pt', weights_only=True)['rounds'][-1]
+    checked = load_captured(str(base / 'malicious' / 'captured_updates.pt'), param_shapes(CNN()))['rounds'][-1]
+    for u, v in zip(raw['updates'], checked['updates']):
+        stored, dense = u['delta']['imprint.weight'], v['delta']['imprint.weight']
+        lo, hi = raw['crafted']['client_rows'][u['client']]
+        assert stored.layout == torch.sparse_coo and stored._values().shape[0] <= hi - lo
+        assert dense.layout == torch.strided and torch.equal(stored.to_dense(), dense)
+        assert u['delta']['conv1.weight'].layout == torch.strided  # the CNN's own tensors stay dense
