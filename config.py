@@ -30,9 +30,9 @@ CONFIG = {
     'dp_delta': 1e-5,               # delta at which epsilon is reported
     # what a client trains with under DP-SGD instead of local_epochs / batch_size / learning_rate: clipped,
     # noised gradients need larger batches and steps (tuned on seed 1: README, "DP-SGD that learns")
-    'dp_local_epochs': 1,
-    'dp_batch_size': 128,
-    'dp_learning_rate': 1.0,
+    'dp_local_epochs': 2,
+    'dp_batch_size': 256,
+    'dp_learning_rate': 2.0,
     'dp_dropout': 0.0,              # the model's dropout under DP-SGD: its masks only add noise to clipped gradients
     'update_clip': 0.0,             # clip each client's update to this L2 norm; 0 = off
     'update_noise': 0.0,            # Gaussian noise on the clipped update, std = update_noise * update_clip

@@ -32,15 +32,16 @@ def one(job):
     import torch
     torch.set_num_threads(1)  # one setting per core
     from src.federated import train
-    data_dir, seed, epsilon, rounds, (epochs, batch, lr, clip) = job
+    data_dir, seed, epsilon, rounds, (epochs, batch, lr, clip, dropout) = job
     with tempfile.TemporaryDirectory() as out:
         cfg = config.resolve('standard', {'data_dir': data_dir, 'output_dir': out, 'seed': seed, 'capture_rounds': 'none',
                                           'device': 'cpu', 'num_rounds': rounds, 'dp_epsilon': epsilon,
                                           'dp_local_epochs': epochs, 'dp_batch_size': batch, 'dp_learning_rate': lr,
-                                          'dp_max_grad_norm': clip})
+                                          'dp_max_grad_norm': clip, 'dp_dropout': dropout})
         t0 = time.perf_counter()
         h = train(cfg, log=lambda *a: None)
     return {'dp_local_epochs': epochs, 'dp_batch_size': batch, 'dp_learning_rate': lr, 'dp_max_grad_norm': clip,
+            'dp_dropout': dropout,
             'num_rounds': rounds, 'noise_multiplier': h['privacy']['dp_sgd']['noise_multiplier'],
             'epsilon': h['privacy']['dp_sgd']['epsilon'], 'test_accuracy': h['final_test_accuracy'],
             'accuracy_per_round': [r['test_accuracy'] for r in h['rounds']], 'seconds': time.perf_counter() - t0}
@@ -56,10 +57,11 @@ def main():
     p.add_argument('--batch-sizes', type=ints, default=[64, 256])
     p.add_argument('--lrs', type=floats, default=[0.5, 1.0, 2.0])
     p.add_argument('--clips', type=floats, default=[1.0])
+    p.add_argument('--dropouts', type=floats, default=[0.0])
     p.add_argument('--workers', type=int, default=2)
     p.add_argument('--json', help='write every result here')
     args = p.parse_args()
-    grid = list(itertools.product(args.local_epochs, args.batch_sizes, args.lrs, args.clips))
+    grid = list(itertools.product(args.local_epochs, args.batch_sizes, args.lrs, args.clips, args.dropouts))
     print(f'{len(grid)} settings at epsilon {args.epsilon}, seed {args.seed}, {args.rounds} rounds, '
           f'{args.workers} at a time', flush=True)
     results = []
@@ -67,7 +69,7 @@ def main():
         for r in pool.imap_unordered(one, [(args.data_dir, args.seed, args.epsilon, args.rounds, g) for g in grid]):
             results.append(r)
             print(f"epochs {r['dp_local_epochs']} batch {r['dp_batch_size']} lr {r['dp_learning_rate']} clip "
-                  f"{r['dp_max_grad_norm']}: sigma {r['noise_multiplier']:.2f}, eps {r['epsilon']:.2f}, accuracy "
+                  f"{r['dp_max_grad_norm']} dropout {r['dp_dropout']}: sigma {r['noise_multiplier']:.2f}, eps {r['epsilon']:.2f}, accuracy "
                   f"{r['test_accuracy']:.4f} (rounds: {' '.join(f'{a:.3f}' for a in r['accuracy_per_round'])}) "
                   f"{r['seconds']:.0f} s", flush=True)
     best = max(results, key=lambda r: r['test_accuracy'])
