@@ -23,6 +23,7 @@ from multiprocessing import Pool
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
+from common import spread  # noqa: E402
 
 
 def floats(text):
@@ -65,7 +66,6 @@ def clipping_speed(data_dir, repeats):
     from src.data import load_dataset, to_tensor
     from src.defenses import dp_client_update
     from src.model import CNN
-    from benchmarks.common import spread
     torch.set_num_threads(1)
     data = load_dataset('mnist', data_dir)
     x, y = to_tensor(data.train_images[:1600], 'cpu'), torch.from_numpy(data.train_labels[:1600].astype('int64'))
