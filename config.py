@@ -29,7 +29,7 @@ CONFIG = {
     'dp_max_grad_norm': 1.0,        # DP-SGD per-sample clipping bound
     'dp_delta': 1e-5,               # delta at which epsilon is reported
     # what a client trains with under DP-SGD instead of local_epochs / batch_size / learning_rate: clipped,
-    # noised gradients need larger batches and steps (tuned on seed 1: README, "DP-SGD that learns")
+    # noised gradients need larger batches and steps (tuned on seeds 1 and 2: README, "DP-SGD that learns")
     'dp_local_epochs': 2,
     'dp_batch_size': 256,
     'dp_learning_rate': 2.0,
