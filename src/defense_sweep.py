@@ -8,6 +8,7 @@ figures and point.json) atomically, so an interrupted sweep resumes at the first
 import argparse
 import json
 import os
+import textwrap
 import time
 
 import matplotlib
@@ -149,7 +150,7 @@ def plot_tradeoff(rows, path, attacks):
                     label=f"{defense} ({', '.join(str(p['strength']) for p in pts[1:])})")
         if no_attack and baseline.get(no_attack) is not None:
             ax.axhline(baseline[no_attack], color='gray', ls='--', label='no attack (baseline)')
-        ax.set_title(title, fontsize=9)
+        ax.set_title(textwrap.fill(title, 48), fontsize=9)
         ax.set_xlabel('defense strength (0 = none)')
         ax.set_xticks(range(1 + max([sum(r['defense'] == d for r in rows) for d in defenses] or [0])))
         ax.grid(alpha=.3)
