@@ -204,8 +204,10 @@ def load_torch(path, what='file'):
     if not os.path.isfile(path):
         raise UserError(f'{what} not found: {path}')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:  # pickle errors, zip errors, refused globals
+        # sparse tensors' indices are checked on load: an out-of-range one would crash the process later
+        with torch.sparse.check_sparse_tensor_invariants():
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:  # pickle errors, zip errors, refused globals, bad sparse indices
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f'cannot load {what} {path}: {first_line[:200]}') from None
 

@@ -350,6 +350,20 @@ def test_captured_format_that_is_a_tensor_is_one_user_error(originals):
         records().load_captured(path, shapes())
 
 
+def test_a_sparse_delta_with_indices_out_of_range_is_one_user_error(originals):
+    """Row-sparse deltas are part of the record now (a 'loki' round); one with an index past its rows made
+    to_dense() crash the whole process (segmentation fault) before the loader checked sparse invariants."""
+    record = torch.load(originals['plain'] / 'captured_updates.pt', weights_only=True)
+    delta = record['rounds'][0]['updates'][0]['delta']
+    rows, cols = delta['fc1.weight'].shape
+    delta['fc1.weight'] = torch.sparse_coo_tensor(torch.tensor([[10 ** 9]]), torch.zeros(1, cols), (rows, cols),
+                                                  check_invariants=False)
+    path = str(originals['scratch'] / 'captured_bad_sparse.pt')
+    torch.save(record, path)
+    with pytest.raises(UserError, match='inconsistent with indices'):
+        records().load_captured(path, shapes())
+
+
 def test_truncated_captured_file_is_one_user_error(originals):
     blob = (originals['plain'] / 'captured_updates.pt').read_bytes()
     path = originals['scratch'] / 'captured_truncated.pt'
