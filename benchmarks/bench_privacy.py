@@ -3,15 +3,15 @@ against the non-private model and a DP one (empirical epsilon beside the account
 
     python benchmarks/bench_privacy.py --data-dir ../shared/data/mnist-10k --json OUT.json [--fashion-dir DIR]
 
+0. DP-SGD's speed: a client's local training (src.defenses.dp_client_update, Opacus ghost clipping) against
+   the same loop with Opacus's per-example gradient hooks, one thread, alternating, median of --repeats.
 1. trains the standard preset (5 IID clients x 10 rounds, seed 0) without DP, then with DP-SGD at each
-   --epsilons value (record-level, delta 1e-5, config.py's dp_* settings, tuned on seed 1 by tune_dp.py),
+   --epsilons value (record-level, delta 1e-5, config.py's dp_* settings, tuned on seeds 1 and 2 by tune_dp.py),
    --workers at a time, one thread each;
 2. runs the membership attack (src/attacks/membership.py: LiRA offline with --shadows shadow models, the loss
    threshold, and the white-box tests on the recorded client updates) on the non-private model and on the DP
    model at --audit-epsilon, and checks that the empirical epsilon stays below the accountant's;
-3. with --fashion-dir, the DP curve's --fashion-epsilons on Fashion-MNIST (60,000 images: slow);
-0. first, DP-SGD's speed: a client's local training (src.defenses.dp_client_update, Opacus ghost clipping) against
-   the same loop with Opacus's per-example gradient hooks, one thread, alternating, median of --repeats.
+3. with --fashion-dir, the DP curve's --fashion-epsilons on Fashion-MNIST (60,000 images: slow).
 """
 import argparse
 import json
