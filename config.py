@@ -8,8 +8,9 @@ they name.
 
 CONFIG = {
     # data
-    'dataset': 'mnist',             # 'mnist' | 'fashion-mnist'
-    'data_dir': None,               # IDX directory; None = data/<dataset> (downloaded if missing)
+    'dataset': 'mnist',             # 'mnist' | 'fashion-mnist' | 'cifar10' (binary version) | 'idx' (any IDX folder)
+    'data_dir': None,               # its folder; None = data/<dataset> (MNIST, Fashion-MNIST downloaded if missing)
+    'model': 'cnn',                 # 'cnn' | 'mlp' | 'lenet' (src/model.py), built for the dataset's images
     'data_distribution': 'iid',     # 'iid' | 'non_iid' (2 classes per client) | 'shards' | 'dirichlet'
     'dirichlet_alpha': 0.5,         # concentration for 'dirichlet' (smaller = more skewed)
     # federated training

@@ -8,6 +8,8 @@ import argparse
 import sys
 
 import config
+from src.data import DATASETS
+from src.model import MODELS
 from src.utils import UserError
 
 
@@ -16,8 +18,12 @@ def parse_args(argv=None):
     p.add_argument('--config', choices=sorted(config.PRESETS), default=None,
                    help='preset (quick: 3 clients/3 rounds/2 epochs; standard: 5/10/5; extensive: 10/20/10); '
                         'default: the values in config.py')
-    p.add_argument('--dataset', choices=['mnist', 'fashion-mnist'])
-    p.add_argument('--data-dir', help='IDX directory (default data/<dataset>; downloaded there if missing)')
+    p.add_argument('--dataset', choices=list(DATASETS),
+                   help='mnist, fashion-mnist (IDX, downloaded if missing), cifar10 (its binary version, from '
+                        '--data-dir) or idx (any IDX folder: EMNIST, KMNIST, ...; --data-dir)')
+    p.add_argument('--data-dir',
+                   help='the dataset\'s folder (default data/<dataset>; MNIST is downloaded there if missing)')
+    p.add_argument('--model', choices=list(MODELS), help='the target model (default cnn): cnn, mlp or lenet')
     p.add_argument('--distribution', dest='data_distribution', choices=['iid', 'non_iid', 'shards', 'dirichlet'])
     p.add_argument('--alpha', dest='dirichlet_alpha', type=float, help='Dirichlet concentration (dirichlet only)')
     p.add_argument('--clients', dest='num_clients', type=int)

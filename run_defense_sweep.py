@@ -11,6 +11,8 @@ import sys
 
 import config
 from src.attacks import runner
+from src.data import DATASETS
+from src.model import MODELS
 
 
 def parse_args(argv=None):
@@ -19,8 +21,9 @@ def parse_args(argv=None):
     p.add_argument('--set', action='append', default=[], metavar='DEFENSE=V1,V2',
                    help='replace a defense\'s strengths, e.g. dp_sgd=8,1 (target epsilons) or pruning=0.3 (repeatable)')
     p.add_argument('--config', choices=sorted(config.PRESETS), default='quick', help='training preset')
-    p.add_argument('--dataset', choices=['mnist', 'fashion-mnist'])
+    p.add_argument('--dataset', choices=list(DATASETS))
     p.add_argument('--data-dir')
+    p.add_argument('--model', choices=list(MODELS), help='the target model (default cnn)')
     p.add_argument('--distribution', dest='data_distribution', choices=['iid', 'non_iid', 'shards', 'dirichlet'])
     p.add_argument('--malicious-attack', choices=['imprint', 'loki', 'fc1'],
                    help="the malicious server's crafted model, sent in one extra round after training (config.py)")
@@ -41,7 +44,8 @@ def main(argv=None):
         if not match or not values:
             sys.exit(f"error: --set {item!r}: use DEFENSE=V1,V2 with DEFENSE one of {', '.join(g[0] for g in grid)}")
         match[0][2] = [float(v) for v in values.split(',')]
-    cfg = config.resolve(args.config, {'dataset': args.dataset, 'data_dir': args.data_dir, 'seed': args.seed,
+    cfg = config.resolve(args.config, {'dataset': args.dataset, 'data_dir': args.data_dir, 'model': args.model,
+                                       'seed': args.seed,
                                        'data_distribution': args.data_distribution, 'device': args.device,
                                        'malicious_attack': args.malicious_attack})
     try:

@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 import src.batched_training as bt  # noqa: E402
 import src.federated as fed  # noqa: E402
+from src.data import MNIST_SPEC  # noqa: E402
 from src.model import CNN  # noqa: E402
 from src.utils import derive_seed, resolve_precision  # noqa: E402
 from bench_training import plain_client  # noqa: E402
@@ -58,7 +59,7 @@ def project_round(clients, trainer, precision, graph=True, channels_last=True):
     """Round 1 of the project's train_round with `trainer`, as train() sets it up; returns its results."""
     device = clients[0][0].device
     cfg = settings(len(clients), device, trainer)
-    model, global_state = fed.init_model(cfg, device)
+    model, global_state = fed.init_model(cfg, MNIST_SPEC, device)
     models = [model] + [copy.deepcopy(model) for _ in range(fed.parallel_clients(cfg, device, len(clients)) - 1)]
     bt.CUDA_GRAPH, bt.CHANNELS_LAST = graph, channels_last
     try:

@@ -39,6 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import config  # noqa: E402
 from src.attacks.malicious_server import best_psnr, ideal_alone, read_fc1  # noqa: E402
 from src.federated import client_tensors, eval_tensors, init_model, load_partitions, local_update, train  # noqa: E402
+from src.data import MNIST_SPEC  # noqa: E402
 from src.malicious import build_model, craft, read_imprint, verify_received  # noqa: E402
 from src.server import fedavg  # noqa: E402
 from src.utils import resolve_precision, save_json  # noqa: E402
@@ -177,7 +178,7 @@ def main(argv=None):
     device = torch.device('cpu')
     clients = client_tensors(data, parts, device)
     public, _ = eval_tensors(data, device)
-    _, g = init_model(cfg, device)
+    _, g = init_model(cfg, MNIST_SPEC, device)
     default = resolve_precision('auto', device)
     precisions = lambda key: [default] + (['fp32'] if key in args.fp32.split(',') and default != 'fp32' else [])
     results = {'date': datetime.date.today().isoformat(), 'default_precision': default, 'targets': TARGETS,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from src.defenses import defend_update
-from src.model import MEAN, STD
+from src.data import MNIST_SPEC
 from src.utils import derive_seed
 
 TRAINERS = ('auto', 'sequential', 'batched')
@@ -50,13 +50,13 @@ PER_CLIENT_CONV1_ON_CPU = True
 def uses_batched_trainer(cfg, device):
     """cfg['trainer']: 'batched', or 'auto' on CUDA (on 2 CPU cores batching measured 0.7-1.0x of the
     threaded sequential trainer, so 'auto' keeps that one there). DP-SGD runs are always sequential."""
-    if cfg['dp_noise_multiplier'] > 0:
+    if cfg['dp_noise_multiplier'] > 0 or cfg.get('model', 'cnn') != 'cnn':
         return False
     return cfg['trainer'] == 'batched' or (cfg['trainer'] == 'auto' and device.type == 'cuda')
 
 
 def batched_logits(weights, x, keep, dropout, channels_last, per_client_conv1=False):
-    """Logits (K, B, classes) of K CNNs: x is (B, K*C, H, W), row i holding every client's i-th
+    """Logits (K, B, classes) of K CNNs: x is (B, K*C, H, W), normalised, row i holding every client's i-th
     sample, client c in channels [c*C, (c+1)*C); keep (K, B, hidden) are the dropout masks.
     The same arithmetic as src.model.CNN.forward, one client per channel group."""
     k, b = keep.shape[:2]
@@ -72,8 +72,8 @@ def batched_logits(weights, x, keep, dropout, channels_last, per_client_conv1=Fa
             h = F.conv2d(h, w, bias, groups=k)
         return F.max_pool2d(F.relu(h), 2)
 
-    h = conv(conv((x - MEAN) / STD, 'conv1'), 'conv2')  # (B, K*64, 5, 5)
-    h = h.reshape(b, k, -1).transpose(0, 1)  # (K, B, 1600), each client's features in CNN.features' order
+    h = conv(conv(x, 'conv1'), 'conv2')  # (B, K*64, 5, 5) for 28x28
+    h = h.reshape(b, k, -1).transpose(0, 1)  # (K, B, 1600 for 28x28), each client's features in CNN.features' order
     h = F.relu(torch.baddbmm(weights['fc1.bias'].unsqueeze(1), h, weights['fc1.weight'].transpose(1, 2)))
     if dropout > 0:  # as src.model.Dropout: x * mask / (1 - p)
         h = h * keep.to(h.dtype) / (1 - dropout)
@@ -91,12 +91,13 @@ class StackedClients:
     weight decay) leaves its weights exactly as they are: it takes no step.
     """
 
-    def __init__(self, client_data, global_state, batch_size, lr, dropout, precision, channels_last, graph):
+    def __init__(self, client_data, global_state, batch_size, lr, dropout, precision, channels_last, graph,
+                 spec=MNIST_SPEC):
         if tuple(global_state) != PARAMS:
             raise ValueError(f'the batched trainer computes src.model.CNN ({", ".join(PARAMS)}), '
                              f'not a model with {", ".join(global_state)}')
         self.sources = [t for pair in client_data for t in pair]  # what the cache compares (and keeps alive)
-        self.key = (batch_size, lr, dropout, precision, channels_last, graph)
+        self.key = (batch_size, lr, dropout, precision, channels_last, graph, spec)
         device = client_data[0][0].device
         k = len(client_data)
         self.data_x = torch.cat([x for x, _ in client_data])  # (N, C, H, W), client after client
@@ -104,6 +105,7 @@ class StackedClients:
         self.weights = {name: v.detach().float().unsqueeze(0).repeat(k, *[1] * v.dim()).requires_grad_()
                         for name, v in global_state.items()}
         self.lr, self.dropout, self.precision, self.channels_last = lr, dropout, precision, channels_last
+        self.spec = spec
         self.per_client_conv1 = PER_CLIENT_CONV1_ON_CPU and device.type == 'cpu' and precision == 'fp32'
         self.index = torch.zeros(batch_size, k, dtype=torch.long, device=device)
         self.weight = torch.zeros(k, batch_size, device=device)  # all 0 while warming up: no weight moves
@@ -130,7 +132,8 @@ class StackedClients:
             self._step()
 
     def _step(self):
-        x = self.data_x[self.index].flatten(1, 2)  # (B, K*C, H, W)
+        x = self.data_x[self.index]  # (B, K, C, H, W), normalised per channel as the CNN does inside
+        x = self.spec.normalise(x.flatten(0, 1)).view(x.shape).flatten(1, 2)  # (B, K*C, H, W)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = self.data_y[self.index.t()]  # (K, B)
@@ -170,14 +173,15 @@ def capture(step):
 _captured = [None]  # the latest StackedClients with a CUDA graph, reused while data and settings stay
 
 
-def stacked_clients(client_data, global_state, batch_size, lr, dropout, precision):
+def stacked_clients(client_data, global_state, batch_size, lr, dropout, precision, spec=MNIST_SPEC):
     device = client_data[0][0].device
     graph = device.type == 'cuda' and CUDA_GRAPH
-    key = (batch_size, lr, dropout, precision, CHANNELS_LAST, graph)
+    key = (batch_size, lr, dropout, precision, CHANNELS_LAST, graph, spec)
     if graph and _captured[0] is not None and _captured[0].matches(client_data, key):
         return _captured[0]
     _captured[0] = None  # free the old graph's memory before capturing a new one
-    clients = StackedClients(client_data, global_state, batch_size, lr, dropout, precision, CHANNELS_LAST, graph)
+    clients = StackedClients(client_data, global_state, batch_size, lr, dropout, precision, CHANNELS_LAST, graph,
+                             spec)
     if graph:
         _captured[0] = clients
     return clients
@@ -209,7 +213,8 @@ def round_plan(sizes, epochs, batch_size, shuffles):
     return index, weight, rows
 
 
-def batched_round(cfg, global_state, client_data, r, precision, dp_history, dropout, progress=None):
+def batched_round(cfg, global_state, client_data, r, precision, dp_history, dropout, progress=None,
+                  spec=MNIST_SPEC):
     """Round r for every client at once; returns what src.federated.train_round returns,
     [(state the client sends, num_samples, its DP history)], in client order."""
     seed, batch_size = cfg['seed'], cfg['batch_size']
@@ -221,7 +226,8 @@ def batched_round(cfg, global_state, client_data, r, precision, dp_history, drop
     index, weight = index.to(device), weight.to(device)
     # a CUDA graph is captured and replayed on the current device's streams: make that the data's device
     with torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext():
-        clients = stacked_clients(client_data, global_state, batch_size, cfg['learning_rate'], dropout, precision)
+        clients = stacked_clients(client_data, global_state, batch_size, cfg['learning_rate'], dropout, precision,
+                                  spec)
         clients.load(global_state)
         hidden = clients.keep.shape[-1]
         for t, step_rows in enumerate(rows.tolist()):

@@ -100,6 +100,9 @@ def sweep(base_cfg, attack_args, grid, attacks=('gradient', 'model', 'gan', 'mem
     started = time.perf_counter()
     check_output_dir(out_dir, 'run_defense_sweep')
     sweep_dir = os.path.join(out_dir, 'defense_sweep')
+    if 'malicious' in attacks and base_cfg.get('model', 'cnn') != 'cnn':
+        log(f"the malicious server is built for the cnn: no crafted round for --model {base_cfg['model']}")
+        attacks = tuple(a for a in attacks if a != 'malicious')
     if 'malicious' in attacks:
         base_cfg = with_crafted_round(base_cfg)
     rows = []

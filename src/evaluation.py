@@ -33,8 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from src.data import NUM_CLASSES, Dataset, to_tensor
-from src.model import MEAN, STD
+from src.data import MNIST_SPEC, Dataset, to_tensor
 from src.utils import UserError, autocast, derive_seed, load_cached, resolve_precision, save_torch, state_digest
 
 # AdamW with a one-cycle schedule and random 2-pixel shifts.
@@ -44,49 +43,54 @@ HPARAMS_SECOND = {'arch': 'pixel-mlp-v1', 'batch_size': 128, 'lr': 3e-3, 'weight
 
 
 class EvalClassifier(nn.Module):
-    """conv5x5(32)-BN-ReLU x2 -> pool -> conv5x5(64)-BN-ReLU x2 -> pool -> FC 3136->256-BN-ReLU -> dropout -> 10.
+    """conv5x5(32)-BN-ReLU x2 -> pool -> conv5x5(64)-BN-ReLU x2 -> pool -> FC (3136 for 28x28)->256-BN-ReLU ->
+    dropout -> classes.
 
     Deliberately unlike the target CNN (3x3 convs, no padding, no batch norm, 128-d hidden layer).
-    Takes raw pixels in [0, 1] like the target, normalising internally.
+    Takes raw pixels in [0, 1] like the target, normalising internally (spec: src.data.DatasetSpec).
     """
 
-    def __init__(self, num_classes=NUM_CLASSES, dropout=0.3):
+    def __init__(self, spec=MNIST_SPEC, dropout=0.3):
         super().__init__()
+        c, h, w = spec.shape
 
         def block(c_in, c_out):
             return [nn.Conv2d(c_in, c_out, 5, padding=2, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
 
-        self.conv = nn.Sequential(*block(1, 32), *block(32, 32), nn.MaxPool2d(2),
+        self.spec = spec
+        self.conv = nn.Sequential(*block(c, 32), *block(32, 32), nn.MaxPool2d(2),
                                   *block(32, 64), *block(64, 64), nn.MaxPool2d(2))
-        self.fc = nn.Sequential(nn.Linear(64 * 7 * 7, 256, bias=False), nn.BatchNorm1d(256), nn.ReLU(inplace=True))
+        self.fc = nn.Sequential(nn.Linear(64 * (h // 4) * (w // 4), 256, bias=False), nn.BatchNorm1d(256),
+                                nn.ReLU(inplace=True))
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(256, num_classes)
+        self.head = nn.Linear(256, spec.num_classes)
 
     def features(self, x):
         """Penultimate 256-d representation (used for KNN distances)."""
-        return self.fc(self.conv((x - MEAN) / STD).flatten(1))
+        return self.fc(self.conv(self.spec.normalise(x)).flatten(1))
 
     def forward(self, x):
         return self.head(self.dropout(self.features(x)))
 
 
 class PixelMLP(nn.Module):
-    """784 -> 512-ReLU -> dropout -> 256-ReLU -> dropout -> 10: the second evaluator's family.
+    """pixels (784) -> 512-ReLU -> dropout -> 256-ReLU -> dropout -> classes: the second evaluator's family.
 
     No convolution (no weight sharing, no locality prior) and no batch norm: it shares no inductive
     bias with the target CNN beyond being trained by gradient descent on the same kind of digits.
     Takes raw pixels in [0, 1], normalising internally.
     """
 
-    def __init__(self, num_classes=NUM_CLASSES, dropout=0.3):
+    def __init__(self, spec=MNIST_SPEC, dropout=0.3):
         super().__init__()
-        self.fc = nn.Sequential(nn.Linear(28 * 28, 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
+        self.spec = spec
+        self.fc = nn.Sequential(nn.Linear(math.prod(spec.shape), 512), nn.ReLU(inplace=True), nn.Dropout(dropout),
                                 nn.Linear(512, 256), nn.ReLU(inplace=True))
         self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(256, num_classes)
+        self.head = nn.Linear(256, spec.num_classes)
 
     def features(self, x):
-        return self.fc(((x - MEAN) / STD).flatten(1))
+        return self.fc(self.spec.normalise(x).flatten(1))
 
     def forward(self, x):
         return self.head(self.dropout(self.features(x)))
@@ -134,18 +138,18 @@ def data_fingerprint(dataset):
 
 def random_shift(x, max_shift, generator):
     """Translate each image by its own integer offset in [-max_shift, max_shift] (zero fill)."""
-    n = len(x)
+    n, _, h, w = x.shape
     padded = F.pad(x, (max_shift,) * 4)
     dx = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).to(x.device)
     dy = torch.randint(0, 2 * max_shift + 1, (n,), generator=generator).to(x.device)
-    rows = (dy[:, None] + torch.arange(28, device=x.device))[:, :, None]          # (n, 28, 1)
-    cols = (dx[:, None] + torch.arange(28, device=x.device))[:, None, :]          # (n, 1, 28)
-    return padded[torch.arange(n, device=x.device)[:, None, None], 0, rows, cols].unsqueeze(1)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, :, None]          # (n, H, 1)
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, :]          # (n, 1, W)
+    return padded[torch.arange(n, device=x.device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)  # (n, C, H, W)
 
 
 @torch.no_grad()
 def predict(model, images, batch_size=1000):
-    """Logits of `model` (eval mode, fp32) for images (N, 1, 28, 28) in [0, 1]."""
+    """Logits of `model` (eval mode, fp32) for images (N, C, H, W) in [0, 1]."""
     model.eval()
     return torch.cat([model(images[i:i + batch_size]).float() for i in range(0, len(images), batch_size)])
 
@@ -175,7 +179,7 @@ def train_eval_classifier(dataset, seed, device, epochs, precision='auto', kind=
     # the primary keeps its original seed labels, so its existing caches stay valid
     tag = 'eval-classifier' if kind == 'primary' else f'eval-classifier-{kind}'
     torch.manual_seed(derive_seed(seed, tag, 'init'))
-    model = spec.model().to(device, memory_format=torch.channels_last)
+    model = spec.model(dataset.spec).to(device, memory_format=torch.channels_last)
     x = to_tensor(dataset.train_images, device)
     y = torch.from_numpy(dataset.train_labels.astype(np.int64)).to(device)
     n = len(y)
@@ -235,7 +239,7 @@ def load_or_train_eval_classifier(dataset: Dataset, seed, cache_dir='cache', dev
             raise UserError('not a state dict of tensors')
         if state_digest(state) != info['weights_sha256'] or info['data_sha256'] != fingerprint:
             raise UserError('weights do not match their recorded digest')
-        model = spec.model()
+        model = spec.model(dataset.spec)
         model.load_state_dict(state)
         return _remember(path, device, model.to(device).eval(), dict(info, **described, cache_path=path,
                                                                      from_cache=True))
@@ -258,7 +262,7 @@ def load_or_train_eval_classifier(dataset: Dataset, seed, cache_dir='cache', dev
     save_torch({'state_dict': state, 'info': info}, path)
     tqdm.write(f'{kind} evaluation classifier ({hp["arch"]}) for {dataset.name}: test accuracy '
                f'{test_accuracy:.4f} ({train_seconds:.0f} s); cached at {path}')
-    model = spec.model()
+    model = spec.model(dataset.spec)
     model.load_state_dict(state)
     return _remember(path, device, model.to(device).eval(), dict(info, **described, cache_path=path,
                                                                  from_cache=False))
@@ -320,8 +324,8 @@ def _as_images(a, device):
         t = t.float() / 255
     if t.dim() == 3:
         t = t.unsqueeze(1)
-    if t.dim() != 4 or tuple(t.shape[1:]) != (1, 28, 28):
-        raise UserError(f'images must be (N, 1, 28, 28) or (N, 28, 28), got {tuple(t.shape)}')
+    if t.dim() != 4:
+        raise UserError(f'images must be (N, C, H, W) or (N, H, W), got {tuple(t.shape)}')
     return t.float().to(device)
 
 
@@ -437,7 +441,7 @@ def score_inversions(evaluators, images, target_classes, private_x, private_y):
 
 def class_mean_images(public_x, public_y, classes):
     """The NO-ATTACK baseline: per class in `classes`, the mean of the server's public images of that class,
-    (len(classes), 1, 28, 28) float on public_x's device. A class with no public image gets the mean of all
+    (len(classes), C, H, W) float on public_x's device. A class with no public image gets the mean of all
     the public images given (the best a server without that class could offer)."""
     x = _as_images(public_x, public_x.device if isinstance(public_x, torch.Tensor) else 'cpu')
     y = _as_labels(public_y, x.device)

@@ -13,9 +13,9 @@ from src.batched_training import TRAINERS, batched_round, uses_batched_trainer
 from src.client import client_update
 from src.defenses import active as active_defenses, client_recipe, defend_update, dp_client_update, epsilon, \
     update_epsilon, with_dp_noise
-from src.data import NUM_CLASSES, load_dataset, to_tensor
+from src.data import load_dataset, to_tensor
 from src.malicious import build_model, craft, crafted_rounds, refusing_clients, validate_malicious
-from src.model import CNN
+from src.model import MODELS, create_model, dropouts, seed_dropout
 from src.partition import DISTRIBUTIONS, partition
 from src.server import CuriousServer, evaluate, parse_capture_rounds
 from src.utils import UserError, check_finite, check_output_dir, check_seed, derive_seed, load_torch, \
@@ -55,6 +55,9 @@ def validate(cfg):
          'update_noise needs a clipping bound to be scaled by: set --update-clip too'),
         (0 < cfg['keep_fraction'] <= 1, f"keep_fraction={cfg['keep_fraction']}: must be in (0, 1] (--keep-fraction)"),
         (cfg['trainer'] in TRAINERS, f"trainer={cfg['trainer']!r}: choose one of {', '.join(TRAINERS)} (--trainer)"),
+        (cfg['model'] in MODELS, f"model={cfg['model']!r}: choose one of {', '.join(MODELS)} (--model)"),
+        (cfg['trainer'] != 'batched' or cfg['model'] == 'cnn',
+         f"--trainer batched computes the cnn only, not {cfg['model']!r}: use --trainer sequential or auto"),
     ]
     for ok, message in checks:
         if not ok:
@@ -64,6 +67,15 @@ def validate(cfg):
     except ValueError as e:
         raise UserError(f'{e} (--capture-rounds)') from None
     validate_malicious(cfg)
+
+
+def validate_model(cfg, spec):
+    """The model can be built for the dataset's images, and the malicious server's variants for both."""
+    try:
+        create_model(cfg['model'], spec)
+    except ValueError as e:
+        raise UserError(f"--model {cfg['model']}: {e}") from None
+    validate_malicious(cfg, spec)
 
 
 def crafted_round(cfg, server, global_state, client_data, public_x, r, precision, dp_history, progress=None):
@@ -93,8 +105,8 @@ def crafted_round(cfg, server, global_state, client_data, public_x, r, precision
                      "model after this round is the previous round's"})
 
 
-def client_class_counts(labels, parts):
-    return [np.bincount(labels[p], minlength=NUM_CLASSES).tolist() for p in parts]
+def client_class_counts(labels, parts, num_classes):
+    return [np.bincount(labels[p], minlength=num_classes).tolist() for p in parts]
 
 
 CHECKPOINT = 'checkpoint.pt'
@@ -143,8 +155,8 @@ def load_partitions(cfg, log=lambda *a: None):
         raise UserError(f"num_clients={cfg['num_clients']} but only {n_train} training images: lower --clients")
     parts = partition(data.train_labels, cfg['num_clients'], cfg['data_distribution'],
                       derive_seed(cfg['seed'], 'partition'), cfg['dirichlet_alpha'])
-    counts = client_class_counts(data.train_labels, parts)
-    unheld = [c for c in range(NUM_CLASSES) if sum(cc[c] for cc in counts) == 0]
+    counts = client_class_counts(data.train_labels, parts, data.spec.num_classes)
+    unheld = [c for c in range(data.spec.num_classes) if sum(cc[c] for cc in counts) == 0]
     if unheld:
         log(f"note: no client holds classes {unheld} under {cfg['data_distribution']} with "
             f"{cfg['num_clients']} clients, so the model cannot learn them")
@@ -164,11 +176,11 @@ def eval_tensors(data, device):
     return to_tensor(data.test_images, device), torch.from_numpy(data.test_labels.astype(np.int64)).to(device)
 
 
-def init_model(cfg, device):
-    """The round-1 global model, seeded from the experiment's seed."""
+def init_model(cfg, spec, device):
+    """The round-1 global model (cfg['model'] built for `spec`), seeded from the experiment's seed."""
     torch.manual_seed(derive_seed(cfg['seed'], 'init'))
     # channels_last lets oneDNN/cuDNN pick much faster conv kernels (2x measured on CPU)
-    model = CNN().to(device, memory_format=torch.channels_last)
+    model = create_model(cfg['model'], spec).to(device, memory_format=torch.channels_last)
     return model, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -189,13 +201,13 @@ def local_update(cfg, model, global_state, x, y, r, c, precision, dp_history, pr
     seed = cfg['seed']
     model.load_state_dict(global_state)
     # dropout masks from this client's own generator: the same whatever trains beside it
-    model.dropout.generator = torch.Generator(x.device).manual_seed(derive_seed(seed, 'dropout', r, c))
+    masks = torch.Generator(x.device).manual_seed(derive_seed(seed, 'dropout', r, c))
+    seed_dropout(model, masks)
     shuffle = torch.Generator().manual_seed(derive_seed(seed, 'shuffle', r, c))
     if cfg['dp_noise_multiplier'] > 0:  # fp32, NCHW: Opacus's per-sample gradient hooks
-        dp_model = build_model(global_state).to(x.device)  # the architecture it was sent
+        dp_model = build_model(global_state, model.spec, cfg['model']).to(x.device)  # the architecture it was sent
         dp_model.load_state_dict(global_state)
-        dp_model.dropout.generator = model.dropout.generator
-        dp_model.dropout.p = cfg['dp_dropout']
+        seed_dropout(dp_model, masks, cfg['dp_dropout'])
         epochs, batch_size, lr = client_recipe(cfg)
         state, n, dp_history = dp_client_update(dp_model, x, y, epochs, batch_size, lr, cfg['dp_noise_multiplier'],
                                                 cfg['dp_max_grad_norm'], dp_history, shuffle)
@@ -229,7 +241,8 @@ def train_round(cfg, models, global_state, client_data, r, precision, dp_history
     The batched trainer (cfg['trainer']; 'auto' = on CUDA) trains all clients as one computation instead.
     """
     if uses_batched_trainer(cfg, client_data[0][0].device):
-        return batched_round(cfg, global_state, client_data, r, precision, dp_history, models[0].dropout.p, progress)
+        return batched_round(cfg, global_state, client_data, r, precision, dp_history, dropouts(models[0])[0].p,
+                             progress, models[0].spec)
 
     def one(c, model):
         x, y = client_data[c]
@@ -251,13 +264,14 @@ def train_round(cfg, models, global_state, client_data, r, precision, dp_history
     return map_in_threads(with_free_model, range(len(client_data)), len(models))
 
 
-def write_results(cfg, global_state, server, rounds, dp_history, parts, counts, unheld, device, precision, wall,
+def write_results(cfg, spec, global_state, server, rounds, dp_history, parts, counts, unheld, device, precision, wall,
                   log=tqdm.write, versions=None):
     """global_model.pth, captured_updates.pt and training_history.json, each written atomically."""
     out = cfg['output_dir']
     steps_per_round = sum(len(p) for p in parts) * client_recipe(cfg)[0]
     history = {
         'config': cfg,
+        'dataset_spec': spec.as_dict(),
         'seed': cfg['seed'],
         'device': str(device),
         'precision': precision,
@@ -295,11 +309,13 @@ def train(cfg, log=tqdm.write, resume=False):
     check_output_dir(cfg['output_dir'], 'main.py')  # before any work: a bad folder fails now, not after a round
     started = time.perf_counter()
     data, parts, counts, unheld = load_partitions(cfg, log)
+    spec = data.spec
+    validate_model(cfg, spec)
     cfg = with_dp_noise(cfg, [len(p) for p in parts], log)
     ckpt = load_checkpoint(cfg) if resume else None
     device = resolve_device(cfg['device'])
     precision = resolve_precision(cfg['precision'], device)
-    model, global_state = init_model(cfg, device)
+    model, global_state = init_model(cfg, spec, device)
     test_x, test_y = eval_tensors(data, device)
     client_data = client_tensors(data, parts, device)
     models = [model] + [copy.deepcopy(model) for _ in range(parallel_clients(cfg, device, len(parts)) - 1)]
@@ -356,7 +372,7 @@ def train(cfg, log=tqdm.write, resume=False):
                    os.path.join(out, CHECKPOINT))
 
     wall = elapsed_before + time.perf_counter() - started
-    history = write_results(cfg, global_state, server, rounds, dp_history, parts, counts, unheld, device, precision,
-                            wall, log)
+    history = write_results(cfg, spec, global_state, server, rounds, dp_history, parts, counts, unheld, device,
+                            precision, wall, log)
     os.remove(os.path.join(out, CHECKPOINT))  # the finished files supersede it
     return history

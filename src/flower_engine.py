@@ -30,7 +30,7 @@ from tqdm import tqdm  # noqa: E402
 
 from src import federated as fed  # noqa: E402
 from src.defenses import client_recipe, with_dp_noise  # noqa: E402
-from src.model import CNN  # noqa: E402
+from src.model import create_model  # noqa: E402
 from src.server import evaluate  # noqa: E402
 from src.utils import check_output_dir, resolve_device, resolve_precision  # noqa: E402
 
@@ -47,7 +47,7 @@ def client_data(cfg, c, device):
     if key not in _client_cache:
         data, parts, _, _ = fed.load_partitions(cfg)
         _client_cache.clear()
-        _client_cache[key] = fed.client_tensors(data, [parts[c]], device)[0]
+        _client_cache[key] = (*fed.client_tensors(data, [parts[c]], device)[0], data.spec)
     return _client_cache[key]
 
 
@@ -63,9 +63,9 @@ def client_train(msg: Message, context: Context) -> Message:
     r = int(msg.content['config']['server-round'])
     device = resolve_device(cfg['device'])
     precision = resolve_precision(cfg['precision'], device)
-    x, y = client_data(cfg, c, device)
+    x, y, spec = client_data(cfg, c, device)
     global_state = {k: v.to(device) for k, v in msg.content['arrays'].to_torch_state_dict().items()}
-    model = CNN().to(device, memory_format=torch.channels_last)
+    model = create_model(cfg['model'], spec).to(device, memory_format=torch.channels_last)
     # this client's Opacus accountant history lives with the client, across rounds
     dp_history = json.loads(context.state['dp']['history']) if 'dp' in context.state else []
     state, n, dp_history = fed.local_update(cfg, model, global_state, x, y, r, c, precision, dp_history)
@@ -141,12 +141,13 @@ def run_server(grid: Grid, cfg, log=tqdm.write, loaded=None, started=None):
     if loaded is None:  # called on its own: set up as train_flower does
         fed.validate(cfg)
         loaded = fed.load_partitions(cfg, log)
+        fed.validate_model(cfg, loaded[0].spec)
         cfg = with_dp_noise(cfg, [len(p) for p in loaded[1]], log)
     check_output_dir(cfg['output_dir'], 'main.py')
     data, parts, counts, unheld = loaded
     device = resolve_device(cfg['device'])
     precision = resolve_precision(cfg['precision'], device)
-    model, global_state = fed.init_model(cfg, device)
+    model, global_state = fed.init_model(cfg, data.spec, device)
     test_x, test_y = fed.eval_tensors(data, device)
     server = fed.make_server(cfg)
     strategy = CuriousFedAvg(cfg, server, global_state, model, test_x, test_y, log)
@@ -160,7 +161,7 @@ def run_server(grid: Grid, cfg, log=tqdm.write, loaded=None, started=None):
         strategy.bar.close()
     if len(strategy.rounds) != cfg['num_rounds']:
         raise RuntimeError(f"Flower ran {len(strategy.rounds)} of {cfg['num_rounds']} rounds")
-    return fed.write_results(cfg, strategy.global_state, server, strategy.rounds, strategy.dp_history, parts,
+    return fed.write_results(cfg, data.spec, strategy.global_state, server, strategy.rounds, strategy.dp_history, parts,
                              counts, unheld, device, precision, time.perf_counter() - started, log,
                              versions={'flwr': flwr.__version__})
 
@@ -178,6 +179,7 @@ def train_flower(cfg, log=tqdm.write):
     started = time.perf_counter()
     fed.validate(cfg)
     loaded = fed.load_partitions(cfg, log)  # bad data fails here, before Ray starts
+    fed.validate_model(cfg, loaded[0].spec)
     cfg = with_dp_noise(cfg, [len(p) for p in loaded[1]], log)
     device = resolve_device(cfg['device'])
     result = {}

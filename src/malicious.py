@@ -53,7 +53,8 @@ import math
 import torch
 import torch.nn as nn
 
-from src.model import CNN, param_shapes
+from src.data import MNIST_SPEC
+from src.model import CNN, create_model, param_shapes
 from src.server import parse_capture_rounds
 from src.utils import UserError
 
@@ -72,7 +73,7 @@ class ImprintCNN(CNN):
     """
 
     def __init__(self, bins, clip=CLIP, num_classes=10):
-        super().__init__(num_classes)
+        super().__init__()
         self.imprint = nn.Linear(PIXELS, bins)
         self.head = nn.Linear(bins, num_classes, bias=False)
         self.register_buffer('band_clip', torch.tensor(float(clip)))
@@ -82,11 +83,11 @@ class ImprintCNN(CNN):
         return super().forward(x) + self.head(bands)
 
 
-def build_model(state):
-    """The module a client trains for `state`: the agreed CNN, or the crafted architecture it names."""
+def build_model(state, spec=MNIST_SPEC, model='cnn'):
+    """The module a client trains for `state`: the agreed model, or the crafted architecture it names."""
     if 'imprint.weight' in state:
         return ImprintCNN(state['imprint.weight'].shape[0], float(state['band_clip']))
-    return CNN()
+    return create_model(model, spec)
 
 
 # ---------------------------------------------------------------------------------------------- crafting
@@ -387,12 +388,15 @@ def verify_received(state, agreed=None, images=None):
 
 # ---------------------------------------------------------------------------------------------- settings
 
-def validate_malicious(cfg):
+def validate_malicious(cfg, spec=None):
     """Refuse impossible malicious-server and client-check settings before any work, each with its flag."""
     if cfg['server'] not in ('honest', 'malicious'):
         raise UserError(f"server={cfg['server']!r}: choose 'honest' or 'malicious' (--server)")
     if cfg['server'] == 'honest' and not cfg['client_verify']:
         return
+    if cfg.get('model', 'cnn') != 'cnn' or spec not in (None, MNIST_SPEC):
+        raise UserError('--server malicious and --client-verify are built for the cnn on 28x28 one-channel images '
+                        'of 10 classes (MNIST, Fashion-MNIST): use --model cnn with such a dataset')
     if cfg['engine'] != 'builtin':
         raise UserError('--server malicious and --client-verify run on the built-in engine only (--engine builtin)')
     if cfg['server'] != 'malicious':

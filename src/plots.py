@@ -9,10 +9,24 @@ import numpy as np  # noqa: E402
 from src.utils import atomic_path  # noqa: E402
 
 
-def save_image_grid(path, rows, titles=None, row_labels=None, suptitle=None, cell=1.3):
-    """Save a grid of grayscale images in [0, 1].
+def as_pixels(images):
+    """Tensor images (N, C, H, W) or one (C, H, W) in [0, 1] -> what matplotlib draws and npz files keep:
+    (N, H, W) / (H, W) for one channel (grey), (N, H, W, C) / (H, W, C) for colour."""
+    x = images.detach().float().cpu()
+    return (x.squeeze(-3) if x.shape[-3] == 1 else x.movedim(-3, -1)).numpy()
 
-    rows: list of rows, each a sequence of (28, 28) arrays (None leaves a cell empty);
+
+def draw(ax, image):
+    """One image in [0, 1] from as_pixels: grey in grey, colour in colour."""
+    image = np.clip(np.asarray(image, dtype=np.float32), 0, 1)
+    ax.imshow(image, cmap='gray' if image.ndim == 2 else None, vmin=0, vmax=1)
+
+
+def save_image_grid(path, rows, titles=None, row_labels=None, suptitle=None, cell=1.3):
+    """Save a grid of images in [0, 1].
+
+    rows: list of rows, each a sequence of (H, W) grey or (H, W, C) colour arrays (as_pixels; None leaves a
+    cell empty);
     titles: matching nested list of strings shown above each image.
     """
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
@@ -27,7 +41,7 @@ def save_image_grid(path, rows, titles=None, row_labels=None, suptitle=None, cel
             if image is None:
                 ax.axis('off')
                 continue
-            ax.imshow(np.clip(np.asarray(image, dtype=np.float32), 0, 1), cmap='gray', vmin=0, vmax=1)
+            draw(ax, image)
             if titles is not None and titles[i][j]:
                 ax.set_title(titles[i][j], fontsize=7)
         if row_labels is not None:

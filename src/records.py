@@ -9,6 +9,7 @@ import os
 
 import torch
 
+from src.model import MODELS
 from src.utils import UserError, load_torch
 
 
@@ -63,6 +64,8 @@ def load_history(path):
             raise bad(f'config.{key}', f'present ({what})')
         if not ok(cfg[key]):
             raise bad(f'config.{key}', f'{what}, not {cfg[key]!r}'[:200])
+    if cfg.get('model', 'cnn') not in MODELS:  # runs from before the registry trained the cnn
+        raise bad('config.model', f"one of {', '.join(MODELS)}, not {cfg['model']!r}"[:200])
     acc = history.get('final_test_accuracy')
     if not (_is_number(acc) and 0 <= acc <= 1):
         raise bad('final_test_accuracy', 'a number in [0, 1]')

@@ -53,6 +53,39 @@ def make_idx_dir(directory, n_train=300, n_test=100, compress=True, seed=0):
     return str(directory)
 
 
+def synthetic_colour_images(n, seed, size=32):
+    """Learnable RGB images (N, 3, size, size): class c lights an 8x8 block of a class-specific colour at a
+    class-specific place, plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    rng.shuffle(labels)
+    images = rng.integers(0, 40, size=(n, 3, size, size))
+    for i, c in enumerate(labels):
+        r, col = 2 + 9 * (c // 4), 2 + 7 * (c % 4)
+        images[i, c % 3, r:r + 8, col:col + 8] = 255
+        images[i, (c + 1) % 3, r:r + 8, col:col + 8] = 60 * (c // 3)
+    return images.astype(np.uint8), labels.astype(np.uint8)
+
+
+def write_cifar_bin(path, images, labels):
+    """CIFAR-10's binary format: per image a label byte, then its red, green and blue 32x32 planes."""
+    records = np.concatenate([labels.astype(np.uint8)[:, None], images.reshape(len(images), -1)], 1)
+    with open(path, 'wb') as f:
+        f.write(records.tobytes())
+    return path
+
+
+def make_cifar_dir(directory, n_train=300, n_test=100, seed=0, batches=2):
+    """A tiny CIFAR-10 binary folder: the training split over `batches` data_batch_*.bin files."""
+    os.makedirs(directory, exist_ok=True)
+    tr_x, tr_y = synthetic_colour_images(n_train, seed)
+    te_x, te_y = synthetic_colour_images(n_test, seed + 1)
+    for b, part in enumerate(np.array_split(np.arange(n_train), batches)):
+        write_cifar_bin(os.path.join(directory, f'data_batch_{b + 1}.bin'), tr_x[part], tr_y[part])
+    write_cifar_bin(os.path.join(directory, 'test_batch.bin'), te_x, te_y)
+    return str(directory)
+
+
 @pytest.fixture
 def idx_dir(tmp_path):
     return make_idx_dir(tmp_path / 'tiny')

@@ -14,8 +14,8 @@ import torch
 import main
 import src.batched_training as bt
 import src.federated as fed
-from src.data import to_tensor
-from src.model import CNN
+from src.data import MNIST_SPEC, to_tensor
+from src.model import CNN, MODELS
 from src.utils import UserError, derive_seed
 from tests.conftest import make_idx_dir, synthetic_digits, tiny_config
 
@@ -56,7 +56,7 @@ def clients_of_sizes(sizes, seed=5):
 def one_round(trainer, client_data, tmp_path, **overrides):
     """train_round for round 1 from the seeded initial model, as train() calls it."""
     cfg = tiny_config('unused', tmp_path, trainer=trainer, **overrides)
-    model, global_state = fed.init_model(cfg, torch.device('cpu'))
+    model, global_state = fed.init_model(cfg, MNIST_SPEC, torch.device('cpu'))
     results = fed.train_round(cfg, [model], global_state, client_data, 1, cfg['precision'],
                               [[] for _ in client_data])
     return results, global_state
@@ -89,7 +89,7 @@ def test_bit_for_bit_equal_to_sequential_in_fp32_with_dropout_off(tmp_path, monk
     weights, every captured update and every round's test loss equal the sequential trainer's, bit for bit.
     This holds for batches of at least 16 rows (here 64 and 36): for fewer, the sequential trainer's own
     matmul kernels switch to another summation order (see test_unequal_clients_and_ragged_batches)."""
-    monkeypatch.setattr(fed, 'CNN', functools.partial(CNN, dropout=0.0))
+    monkeypatch.setitem(MODELS, 'cnn', functools.partial(CNN, dropout=0.0))
     data_dir = make_idx_dir(tmp_path / 'data')
     seq = run(data_dir, tmp_path / 'seq', 'sequential', **FP32)
     bat = run(data_dir, tmp_path / 'bat', 'batched', **FP32)

@@ -83,11 +83,59 @@ def test_label_out_of_range(tmp_path):
         load_dataset('mnist', d, download=False)
 
 
-def test_wrong_image_size(tmp_path):
+def test_any_image_size_and_class_count_in_a_local_idx_folder(tmp_path):
+    """--dataset idx: 32x32 images of 12 classes (as EMNIST/KMNIST-style folders differ from MNIST) load, and
+    the spec says so, with the training split's own normalisation."""
+    d = tmp_path / 'd'
+    os.makedirs(d)
+    rng = np.random.default_rng(0)
+    for stem, n in (('train', 60), ('t10k', 20)):
+        write_idx(os.path.join(d, f'{stem}-images-idx3-ubyte.gz'), rng.integers(0, 256, (n, 32, 30)))
+        write_idx(os.path.join(d, f'{stem}-labels-idx1-ubyte.gz'), np.arange(n) % 12)
+    data = load_dataset('idx', str(d))
+    spec = data.spec
+    assert spec.shape == (1, 32, 30) and spec.num_classes == 12
+    x = data.train_images / 255
+    assert spec.mean[0] == pytest.approx(x.mean(), abs=1e-4) and spec.std[0] == pytest.approx(x.std(), abs=1e-4)
+    with pytest.raises(DataError, match='label 11 out of range 0-9'):  # a named dataset keeps its 10 classes
+        load_dataset('mnist', str(d), download=False)
+    with pytest.raises(DataError, match='--dataset idx reads a local IDX folder'):
+        load_dataset('idx')
+
+
+def test_absurd_image_size_is_a_corrupt_header(tmp_path):
     path = tmp_path / 'x.gz'
-    write_idx(path, np.zeros((3, 32, 32)))
-    with pytest.raises(DataError, match='32x32, expected 28x28'):
+    write_idx(path, np.zeros((3, 0, 5)))
+    with pytest.raises(DataError, match='corrupt header'):
         read_idx(str(path), expect_ndim=3)
+
+
+def test_cifar10_binary_format(tmp_path):
+    """The data_batch_*.bin files, in name order, and test_batch.bin: label byte + R, G, B planes."""
+    from tests.conftest import make_cifar_dir, synthetic_colour_images
+    d = make_cifar_dir(tmp_path / 'c', n_train=30, n_test=10, batches=3)
+    data = load_dataset('cifar10', d)
+    x, y = synthetic_colour_images(30, 0)
+    assert data.train_images.shape == (30, 3, 32, 32) and data.train_images.dtype == np.uint8
+    assert np.array_equal(data.train_images, x) and np.array_equal(data.train_labels, y)
+    assert data.spec.shape == (3, 32, 32) and data.spec.num_classes == 10 and len(data.spec.mean) == 3
+    nested = tmp_path / 'n'
+    os.makedirs(nested)
+    os.rename(d, nested / 'cifar-10-batches-bin')  # the folder the official archive unpacks to
+    assert np.array_equal(load_dataset('cifar10', str(nested)).test_labels, data.test_labels)
+
+
+@pytest.mark.parametrize('damage, message', [
+    (lambda p: open(p, 'ab').write(b'x'), 'not a whole number of 3073-byte'),
+    (lambda p: open(p, 'r+b').write(b'\x0c'), 'label 12 out of range 0-9'),
+    (os.remove, 'needs data_batch_1.bin'),
+])
+def test_cifar10_corrupt_or_missing_files_are_one_error(tmp_path, damage, message):
+    from tests.conftest import make_cifar_dir
+    d = make_cifar_dir(tmp_path / 'c', n_train=20, n_test=10, batches=1)
+    damage(os.path.join(d, 'test_batch.bin'))
+    with pytest.raises(DataError, match=message):
+        load_dataset('cifar10', d)
 
 
 @pytest.fixture

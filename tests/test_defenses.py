@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from src.defenses import clip_and_noise, dp_client_update, epsilon, prune, update_epsilon
 from src.federated import train
+from src.data import MNIST_SPEC
 from src.model import CNN
 from src.utils import UserError
 from tests.conftest import make_idx_dir, tiny_config
@@ -301,7 +302,7 @@ def test_a_dp_client_trains_with_the_dp_dropout(idx_dir, tmp_path, dropout):
     cfg = tiny_config(idx_dir, tmp_path, dp_noise_multiplier=1.0, dp_batch_size=32, dp_dropout=dropout)
     data, parts, _, _ = load_partitions(cfg)
     x, y = client_tensors(data, parts, torch.device('cpu'))[0]
-    model, state = init_model(cfg, torch.device('cpu'))
+    model, state = init_model(cfg, MNIST_SPEC, torch.device('cpu'))
     got, _, _ = local_update(cfg, model, state, x, y, 1, 0, 'fp32', [])
     expected_model = CNN(dropout=dropout)
     expected_model.load_state_dict(state)

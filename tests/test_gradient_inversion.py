@@ -10,15 +10,19 @@ import torch.nn.functional as F
 from src.attacks import runner
 from src.attacks.base import AttackerView, PrivateData
 from src.attacks.common import descend
-from src.attacks.gradient_inversion import GradientInversion, clients, closed_form, cnn, dlg, fedavg_rounds, search
+from src.attacks.gradient_inversion import (GradientInversion, clients, closed_form, cnn, dlg, fedavg_rounds, layers,
+                                            search)
 from src.attacks.gradient_inversion.invert import invert, invert_batches
 from src.attacks.gradient_inversion.labels import recover_labels
 from src.attacks.gradient_inversion.scoring import label_count_accuracy, match_to_originals
 from src.defenses import defend_gradients
 from src.metrics import psnr
+from src.data import MNIST_SPEC
 from src.model import CNN
 from src.utils import UserError
 from tests.conftest import synthetic_digits
+
+NAMES = [name for name, _ in CNN().named_parameters()]
 
 
 def tiny_batch(n, seed=0):
@@ -55,10 +59,10 @@ def test_batched_per_example_grads_equal_autograd():
     torch.manual_seed(0)
     model = CNN().eval()
     x, y = tiny_batch(3)
-    with cnn.frozen(model):
+    with layers.frozen(model):
         ours = cnn.per_example_grads(model, x, F.one_hot(y, 10).float())
     ref = clients.client_gradients(model, x, y, 1, dropout=False)
-    for name in cnn.NAMES:
+    for name in NAMES:
         torch.testing.assert_close(ours[name], ref[name], atol=1e-6, rtol=1e-4)
 
 
@@ -69,7 +73,7 @@ def test_per_example_client_gradients_are_the_batch_gradient_split_under_the_sam
     x, y = tiny_batch(6)
     batch = clients.client_gradients(model, x, y, 3, dropout=True, seed=4)
     each = clients.client_gradients(model, x, y, 3, dropout=True, seed=4, per_example=True)
-    for name in cnn.NAMES:
+    for name in NAMES:
         assert each[name].shape == (2, 3, *batch[name].shape[1:])
         torch.testing.assert_close(each[name].mean(1), batch[name], atol=1e-7, rtol=1e-4)
 
@@ -97,7 +101,7 @@ def test_dp_sgd_clips_each_example_not_the_batch():
     scale = (clip / norms).clamp(max=1.0)  # (1, 4)
     expected = {k: (v * scale.view(1, 4, *[1] * (v.dim() - 2))).mean(1) for k, v in each.items()}
     sent = clients.sent_gradients(model, x, y, 4, False, dp_config(1e-9, clip), seed=0)
-    for name in cnn.NAMES:
+    for name in NAMES:
         torch.testing.assert_close(sent[name], expected[name], atol=1e-6, rtol=1e-4)
 
 
@@ -111,7 +115,7 @@ def test_dp_sgd_noise_on_the_batch_mean_is_sigma_clip_over_batch_size():
     each = clients.client_gradients(model, x, y, 4, dropout=False, seed=1, per_example=True)
     clip = 100 * example_norms(each).max().item()  # no example is clipped: only the noise differs
     sent = clients.sent_gradients(model, x, y, 4, False, dp_config(1.0, clip), seed=0)
-    noise = cnn.flat(sent) - cnn.flat(clean)
+    noise = layers.flat(sent) - layers.flat(clean)
     assert noise.std().item() == pytest.approx(clip / 4, rel=0.02)
     with pytest.raises(ValueError, match='clips every example'):
         defend_gradients(clean, dp_config(1.0, clip), torch.Generator())  # no per-example gradients given
@@ -126,7 +130,7 @@ def test_secure_aggregation_mean_equals_one_larger_batch():
     assert clients.clients_per_gradient(cfg) == 4
     sent = clients.sent_gradients(model, x, y, 1, False, cfg)
     batch = clients.client_gradients(model, x, y, 4, dropout=False)
-    for name in cnn.NAMES:
+    for name in NAMES:
         torch.testing.assert_close(sent[name], batch[name], atol=1e-7, rtol=1e-4)
 
 
@@ -188,7 +192,7 @@ def test_feature_distance_vanishes_at_the_true_image_and_measures_a_conv_gradien
     G = grads['fc1.bias'] @ model.fc1.weight
     W2, W1 = grads['conv2.weight'].flatten(2), grads['conv1.weight'].flatten(2)
     tv = search.TV_WEIGHT * search.total_variation(x)
-    with cnn.frozen(model):
+    with layers.frozen(model):
         exact, a2_dist = search.feature_distance(model, x.clone().requires_grad_(True), a2, G, W2, W1)
         doubled, _ = search.feature_distance(model, x.clone().requires_grad_(True), a2, G, 2 * W2, 2 * W1)
     assert a2_dist.max() < 1e-8
@@ -208,7 +212,7 @@ def test_each_image_keeps_the_start_whose_features_match_best(monkeypatch):
         return x0[:2], torch.zeros(2, dtype=torch.bool)
 
     monkeypatch.setattr(search, 'descend', record_the_choice)
-    with cnn.frozen(model):
+    with layers.frozen(model):
         invert(model, grads, 'default', 1, progress=False)
         black = torch.zeros_like(x[0])
         # restart-major rows: (start 0: image 0, image 1), (start 1: image 0, image 1)
@@ -232,7 +236,7 @@ def test_batch_of_two_is_separated_and_both_images_recovered():
     model = CNN()
     x, y = planted(2, seed=1)
     grads = clients.client_gradients(model, x, y, 2, dropout=True, seed=3)
-    with cnn.frozen(model):
+    with layers.frozen(model):
         images, labels, failed, _, separated = invert_batches(model, grads, 2, 100, 2, torch.Generator().manual_seed(0),
                                                               progress=False)
     assert separated.tolist() == [True] and not failed.any()
@@ -247,7 +251,7 @@ def test_cosine_search_beats_the_public_mean_image():
     x, y = tiny_batch(2)
     public_mean = tiny_batch(100, seed=1)[0].mean(0, keepdim=True)
     grads = clients.client_gradients(model, x, y, 2, dropout=False)
-    with cnn.frozen(model):
+    with layers.frozen(model):
         images, distance, failed, restarted = search.cosine_search(
             model, grads, recover_labels(grads['fc2.bias'], 2), 2, 60, torch.Generator().manual_seed(0), progress=False)
     assert not failed.any() and not restarted.any() and distance.item() < 0.1
@@ -262,9 +266,9 @@ def test_idlg_label_is_exact_and_lbfgs_closes_the_gradient_gap():
     grads = clients.client_gradients(model, x, y, 1, dropout=False)
     label = recover_labels(grads['fc2.bias'], 1)[0, 0]
     start = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # dlg_lbfgs's first draw
-    with cnn.frozen(model):
-        d0 = search.relative_distance(cnn.flat(cnn.per_example_grads(model, start, F.one_hot(y, 10).float())),
-                                      cnn.flat(grads))
+    with layers.frozen(model):
+        d0 = search.relative_distance(layers.flat(cnn.per_example_grads(model, start, F.one_hot(y, 10).float())),
+                                      layers.flat(grads))
         image, lab, d = dlg.dlg_lbfgs(model, grads, label, 5, False, torch.Generator().manual_seed(0))
     assert torch.equal(lab, y)
     assert d.item() < 0.05 * d0.item()
@@ -309,8 +313,8 @@ def test_a_diverged_image_is_restarted_once_and_recovered(monkeypatch):
     grads = clients.client_gradients(model, x, y, 1, dropout=False)
     real = search.feature_distance
 
-    def diverges_in_the_first_search(model, x, *targets):
-        total, a2_dist = real(model, x, *targets)
+    def diverges_in_the_first_search(model, x, *targets, **kwargs):
+        total, a2_dist = real(model, x, *targets, **kwargs)
         if len(x) > 1:  # image 1 in the first search (2 images x starts); the restart searches it alone
             total = total.masked_fill(torch.arange(len(x)) % 2 == 1, math.nan)
         return total, a2_dist
@@ -337,7 +341,7 @@ def test_a_diverged_batch_in_the_cosine_search_is_restarted_once(monkeypatch):
     model = CNN().eval()
     x, y = tiny_batch(4)
     grads = clients.client_gradients(model, x, y, 2, dropout=False)
-    real = search.batch_grads
+    real = layers.batch_grads
 
     def diverges_in_the_first_search(model, x, targets, batch_size, create_graph=False):
         g = real(model, x, targets, batch_size, create_graph)
@@ -346,8 +350,8 @@ def test_a_diverged_batch_in_the_cosine_search_is_restarted_once(monkeypatch):
             g = {k: torch.where(second.view(2, *[1] * (v.dim() - 1)), math.nan, v) for k, v in g.items()}
         return g
 
-    monkeypatch.setattr(search, 'batch_grads', diverges_in_the_first_search)
-    with cnn.frozen(model):
+    monkeypatch.setattr(layers, 'batch_grads', diverges_in_the_first_search)
+    with layers.frozen(model):
         images, _, failed, restarted = search.cosine_search(model, grads, recover_labels(grads['fc2.bias'], 2), 2, 5,
                                                             torch.Generator().manual_seed(0), progress=False)
     assert restarted.tolist() == [False, True] and not failed.any() and torch.isfinite(images).all()
@@ -367,13 +371,13 @@ def test_batched_client_forward_and_local_steps_match_the_model():
     models = [CNN().eval() for _ in range(2)]
     x, y = tiny_batch(6)
     x, y = x.view(2, 3, 1, 28, 28), y.view(2, 3)
-    w = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in models]) for k in cnn.NAMES}
+    w = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in models]) for k in NAMES}
     with torch.no_grad():
         ref = torch.stack([m(xi) for m, xi in zip(models, x)])
-    torch.testing.assert_close(cnn.clients_logits(w, x), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(cnn.clients_logits(MNIST_SPEC, w, x), ref, atol=1e-5, rtol=1e-4)
     # two simulated SGD steps from one global model equal two real steps on each client's batch
     start = {k: v[0] for k, v in w.items()}
-    sim = fedavg_rounds.simulate_updates(start, x, y, 2, 0.1)
+    sim = fedavg_rounds.simulate_updates(CNN(), start, x, y, 2, 0.1)
     for c in range(2):
         m = CNN().eval()
         m.load_state_dict(models[0].state_dict())

@@ -85,7 +85,8 @@ def test_code_executing_pickle_is_refused(tmp_path):
 
 def test_other_architecture_is_refused_with_the_mismatch(tmp_path):
     torch.save({'conv1.weight': torch.zeros(16, 1, 5, 5)}, tmp_path / 'other.pth')
-    with pytest.raises(UserError, match=r"not this CNN: missing \[.*'fc2.weight'.*conv1.weight is \(16, 1, 5, 5\)"):
+    with pytest.raises(UserError, match=r"is not the cnn its training history names, built for 28x28 images of "
+                                        r"1 channel\(s\): missing \[.*'fc2.weight'.*conv1.weight is \(16, 1, 5, 5\)"):
         load_model(str(tmp_path / 'other.pth'))
 
 

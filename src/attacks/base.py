@@ -22,6 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from src.data import MNIST_SPEC
+
 
 @dataclass(frozen=True)
 class AttackerView:
@@ -29,10 +31,11 @@ class AttackerView:
     model: torch.nn.Module     # the final global model: fp32, eval mode, on `device`
     training: dict             # what the protocol announced: config (no partition), per-round accuracy, defenses
     captured: dict             # the server's own record of client updates (captured_updates.pt), or None
-    public_x: torch.Tensor     # the server's public data: the dataset's test split, (N, 1, 28, 28) in [0, 1]
+    public_x: torch.Tensor     # the server's public data: the dataset's test split, (N, C, H, W) in [0, 1]
     public_y: torch.Tensor     # (N,) int64
-    dataset: str               # the dataset's name ('mnist', 'fashion-mnist')
+    dataset: str               # the dataset's name ('mnist', 'fashion-mnist', 'cifar10', 'idx')
     device: torch.device
+    spec: Any = MNIST_SPEC     # the images' shape, classes and normalisation (src.data.DatasetSpec)
     cache_dir: str = 'cache'   # where trained helpers (GAN prior) are kept
     observed: Any = None       # what clients sent for this attack (from Attack.observe), if it asks
 
@@ -44,7 +47,7 @@ class AttackerView:
 @dataclass(frozen=True)
 class PrivateData:
     """The clients' training data: for the clients' side (observe) and for scoring, never for run."""
-    train_x: torch.Tensor      # every training image of the dataset, (N, 1, 28, 28) in [0, 1], on device
+    train_x: torch.Tensor      # every training image of the dataset, (N, C, H, W) in [0, 1], on device
     train_y: torch.Tensor      # (N,) int64
     client_indices: list       # one int64 array of indices into train_x per client
     dataset: Any               # src.data.Dataset (uint8 arrays): the evaluation classifiers train on its train split

@@ -37,11 +37,18 @@ from tqdm import tqdm
 from src.attacks.base import Attack, Report
 from src.attacks.common import best_restart, descend, identity_loss
 from src.attacks.gan_prior import Z_DIM, load_or_train_gan
-from src.data import CHECKSUMS, NUM_CLASSES, load_dataset, to_tensor
-from src.plots import save_image_grid
+from src.data import CHECKSUMS, load_dataset, to_tensor
+from src.attacks.model_inversion import class_halves
+from src.plots import as_pixels, save_image_grid
 from src.utils import UserError, autocast, derive_seed, resolve_precision
 
-CLASS_DISJOINT = 'classes:5-9'  # GMI's MNIST split: the prior sees 5-9, the attack targets 0-4
+
+def class_disjoint(num_classes):
+    """GMI's MNIST split, 'classes:5-9' for 10 classes: the prior sees the upper half, the attack targets the rest."""
+    public = class_halves(num_classes)[1]
+    return f'classes:{public[0]}-{public[-1]}'
+
+
 # identity-loss weight: GMI's 100 for cross-entropy; the logit loss is ~10x larger in size, and 10 measured
 # best (benchmarks/bench_gan_inversion.py)
 DEFAULT_LAMBDA = {'ce': 100.0, 'logit': 10.0}
@@ -68,8 +75,8 @@ def search_settings(settings):
     return s
 
 
-def parse_classes(text):
-    """'5-9' or '5,6,7' or '0-2,7' -> sorted list of class ids."""
+def parse_classes(text, num_classes=None):
+    """'5-9' or '5,6,7' or '0-2,7' -> sorted list of class ids (checked against num_classes when given)."""
     classes = set()
     try:
         for part in text.split(','):
@@ -77,26 +84,29 @@ def parse_classes(text):
             classes.update(range(int(lo), int(hi or lo) + 1))
     except ValueError:
         raise UserError(f"--gmi-public classes:{text}: use class ids like 'classes:5-9' or 'classes:0,2,4'") from None
-    if not classes or min(classes) < 0 or max(classes) >= NUM_CLASSES or len(classes) == NUM_CLASSES:
-        raise UserError(f'--gmi-public classes:{text}: name 1 to {NUM_CLASSES - 1} classes within 0-{NUM_CLASSES - 1} '
+    k = num_classes or max(classes, default=0) + 2
+    if not classes or min(classes) < 0 or max(classes) >= k or len(classes) == k:
+        raise UserError(f'--gmi-public classes:{text}: name 1 to {k - 1} classes within 0-{k - 1} '
                         '(the attack targets the classes left out)')
     return sorted(classes)
 
 
 def public_data(view, spec='test', public_dir=None):
-    """The GAN's public data for --gmi-public: {'images': uint8 (N, 28, 28), 'labels': (N,) or None where they
-    name no class of the target's, 'protocol': dict, 'attacked': classes the attack targets}."""
+    """The GAN's public data for --gmi-public: {'images': uint8 (N, H, W) or (N, C, H, W), 'labels': (N,) or None
+    where they name no class of the target's, 'protocol': dict, 'attacked': classes the attack targets}."""
     # uint8, as the cache key hashes it: the view's pixels are bytes / 255, so this is exact
-    images = (view.public_x[:, 0] * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    x = view.public_x[:, 0] if view.public_x.shape[1] == 1 else view.public_x
+    images = (x * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
     labels = view.public_y.cpu().numpy()
+    every = list(range(view.spec.num_classes))
     if spec == 'test':
-        return {'images': images, 'labels': labels, 'attacked': list(range(NUM_CLASSES)), 'protocol': {
+        return {'images': images, 'labels': labels, 'attacked': every, 'protocol': {
             'name': 'test', 'description': f'{view.dataset} test split (held by no client)',
             'num_images': int(len(images))}}
     if spec.startswith('classes:'):
-        seen = parse_classes(spec[len('classes:'):])
+        seen = parse_classes(spec[len('classes:'):], view.spec.num_classes)
         keep = np.isin(labels, seen)
-        attacked = [c for c in range(NUM_CLASSES) if c not in seen]
+        attacked = [c for c in every if c not in seen]
         return {'images': images[keep], 'labels': labels[keep], 'attacked': attacked, 'protocol': {
             'name': 'class-disjoint', 'description': f'{view.dataset} test split, classes {seen} only; '
                                                      f'attacked classes {attacked} were never shown to the GAN',
@@ -105,7 +115,9 @@ def public_data(view, spec='test', public_dir=None):
         if spec == view.dataset:
             raise UserError(f"--gmi-public {spec} is the target's own dataset: use 'test' or 'classes:...' instead")
         other = load_dataset(spec, public_dir)
-        return {'images': other.test_images, 'labels': None, 'attacked': list(range(NUM_CLASSES)), 'protocol': {
+        if other.spec.shape != view.spec.shape:
+            raise UserError(f"--gmi-public {spec}: its images are {other.spec.shape}, the target's {view.spec.shape}")
+        return {'images': other.test_images, 'labels': None, 'attacked': every, 'protocol': {
             'name': 'cross-dataset', 'description': f'{spec} test split (a different dataset from {view.dataset})',
             'dataset': spec, 'num_images': int(len(other.test_images))}}
     raise UserError(f"--gmi-public {spec!r}: use 'test', 'classes:5-9' or another dataset "
@@ -124,7 +136,7 @@ def invert(G, D, model, classes, restarts=5, steps=600, lr=0.002, lam=10.0, loss
     Nesterov momentum 0.9, z clamped to [-clip, clip] after every step, as GMI's code does; clamp_start also
     clamps the start. The search runs on channels_last copies of the networks under bf16 autocast where the
     hardware has it (~2x faster on AMX CPUs); the returned confidences are computed in fp32.
-    Returns images (C, R, 1, 28, 28), the target's softmax confidence for the class (C, R), z (C, R, Z) and
+    Returns images (C, R, *image shape), the target's softmax confidence for the class (C, R), z (C, R, Z) and
     the confidence's logarithm (C, R), which still ranks restarts whose confidences all round to 1; a latent
     that diverged has a black image and log-confidence -inf, so it is never picked.
     """
@@ -157,7 +169,7 @@ def invert(G, D, model, classes, restarts=5, steps=600, lr=0.002, lam=10.0, loss
     failed |= ~torch.isfinite(log_conf) | ~torch.isfinite(images).flatten(1).all(1)
     images = images.masked_fill(failed[:, None, None, None], 0)
     log_conf = log_conf.masked_fill(failed, -math.inf)
-    return (images.reshape(n_classes, restarts, 1, 28, 28), log_conf.exp().reshape(n_classes, restarts),
+    return (images.reshape(n_classes, restarts, *images.shape[1:]), log_conf.exp().reshape(n_classes, restarts),
             z.reshape(n_classes, restarts, Z_DIM), log_conf.reshape(n_classes, restarts))
 
 
@@ -240,7 +252,7 @@ class GanInversion(Attack):
         if getattr(settings, 'gmi_class_disjoint', True):
             # the chosen prior is class-disjoint already: the same GAN and latents would repeat that run
             disjoint = 'main' if spec.startswith('classes:') else self._attack(
-                view, settings, search, public_data(view, CLASS_DISJOINT))
+                view, settings, search, public_data(view, class_disjoint(view.spec.num_classes)))
         return {'search': search, 'main': main, 'class_disjoint': disjoint}
 
     def _attack(self, view, settings, search, public):
@@ -254,8 +266,8 @@ class GanInversion(Attack):
                    f"(training took {gan['train_seconds']:.0f} s)")
         with torch.no_grad():
             z = torch.randn(40, Z_DIM, generator=torch.Generator().manual_seed(derive_seed(seed, 'gmi', 'samples')))
-            samples = G(z.to(device)).cpu().numpy()[:, 0]
-        classes = list(range(NUM_CLASSES))  # invert every class; the headline numbers cover the attacked ones
+            samples = as_pixels(G(z.to(device)))
+        classes = list(range(view.spec.num_classes))  # invert every class; the headline numbers cover the attacked ones
         t0 = time.perf_counter()
         images, conf, _, log_conf = invert(
             G, D, view.model, classes, R, search['steps'], search['lr'], search['lambda'], search['loss'], seed,
@@ -327,7 +339,7 @@ class GanInversion(Attack):
         write_figures(out_dir, main, s, cd if isinstance(cd, dict) else None, d if isinstance(cd, dict) else None,
                       search)
         arrays = {'best_images': s['best_images'],                                                 # (10, 28, 28)
-                  'all_restarts': main['images'].cpu().numpy()[:, :, 0].astype(np.float32),        # (10, R, 28, 28)
+                  'all_restarts': as_pixels(main['images']),                                      # (10, R, 28, 28)
                   'target_confidence_all': main['conf'].cpu().numpy().astype(np.float32),          # (10, R)
                   'eval_predictions_all': s['predictions'][0], 'second_predictions_all': s['predictions'][1],
                   'no_attack_baseline': s['baseline_images'],                                      # (attacked, 28, 28)
@@ -363,7 +375,7 @@ def score_run(run, evaluators, px, py, model):
     classes, attacked = run['classes'], run['attacked']
     C, R = run['images'].shape[:2]
     flat = np.repeat(classes, R)
-    per_image = score_inversions(evaluators, run['images'].reshape(-1, 1, 28, 28), flat, px, py)['per_image']
+    per_image = score_inversions(evaluators, run['images'].flatten(0, 1), flat, px, py)['per_image']
     best = best_restart(run['log_conf'].cpu()).numpy()
     is_best = np.zeros((C, R), bool)
     is_best[np.arange(C), best] = True
@@ -396,9 +408,9 @@ def score_run(run, evaluators, px, py, model):
                     protocol="no attack: each attacked class's mean image of the GAN's public data",
                     per_class={str(c): {k: _plain(base_scores[k][i]) for k in PER_IMAGE}
                                for i, c in enumerate(attacked)})
-    best_images = run['images'][torch.arange(C), torch.from_numpy(best)].cpu().numpy()[:, 0].astype(np.float32)
+    best_images = as_pixels(run['images'][torch.arange(C), torch.from_numpy(best)])
     return {'overall': overall, 'per_class': per_class, 'baseline': baseline, 'best': best, 'per_image': per_image,
-            'best_images': best_images, 'baseline_images': base.cpu().numpy()[:, 0].astype(np.float32),
+            'best_images': best_images, 'baseline_images': as_pixels(base),
             'baseline_per_image': base_scores,
             'predictions': tuple(np.asarray(per_image[k], np.int64).reshape(C, R)
                                  for k in ('eval_prediction', 'second_prediction'))}

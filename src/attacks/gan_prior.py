@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from src.data import to_tensor
+from src.data import image_shape, to_tensor
 from src.utils import UserError, autocast, derive_seed, load_cached, resolve_precision, save_torch, state_digest
 
 Z_DIM = 100
@@ -23,30 +23,34 @@ ARCH = 'dcgan28-v2'  # part of the cache key: change it when the networks change
 
 
 class Generator(nn.Module):
-    """z (100) -> FC 128x7x7 -> up 64x14x14 -> up 1x28x28, sigmoid: pixels in [0, 1] like the target's input."""
+    """z (100) -> FC 128x7x7 -> up 64x14x14 -> up 1x28x28, sigmoid: pixels in [0, 1] like the target's input.
+    For other images (C, H, W): FC 128 x ceil(H/4) x ceil(W/4), two up-samplings, cropped to H x W."""
 
-    def __init__(self, z_dim=Z_DIM):
+    def __init__(self, z_dim=Z_DIM, shape=(1, 28, 28)):
         super().__init__()
+        c, self.h, self.w = shape
+        h4, w4 = -(-self.h // 4), -(-self.w // 4)
         self.net = nn.Sequential(
-            nn.Linear(z_dim, 128 * 7 * 7, bias=False), nn.BatchNorm1d(128 * 7 * 7), nn.ReLU(),
-            nn.Unflatten(1, (128, 7, 7)),
+            nn.Linear(z_dim, 128 * h4 * w4, bias=False), nn.BatchNorm1d(128 * h4 * w4), nn.ReLU(),
+            nn.Unflatten(1, (128, h4, w4)),
             nn.ConvTranspose2d(128, 64, 4, 2, 1, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
-            nn.ConvTranspose2d(64, 1, 4, 2, 1), nn.Sigmoid())
+            nn.ConvTranspose2d(64, c, 4, 2, 1), nn.Sigmoid())
 
     def forward(self, z):
-        return self.net(z)
+        return self.net(z)[..., :self.h, :self.w]
 
 
 class Discriminator(nn.Module):
     """28x28 -> conv 64 (14x14) -> conv 128 (7x7) -> one logit: "real" is high. No batch norm, so
     D(G(z)) of one latent never depends on the others in the batch (the inversion prior is per image)."""
 
-    def __init__(self):
+    def __init__(self, shape=(1, 28, 28)):
         super().__init__()
+        c, h, w = shape
         self.net = nn.Sequential(
-            nn.Conv2d(1, 64, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(c, 64, 4, 2, 1), nn.LeakyReLU(0.2),
             nn.Conv2d(64, 128, 4, 2, 1), nn.LeakyReLU(0.2),
-            nn.Flatten(), nn.Linear(128 * 7 * 7, 1))
+            nn.Flatten(), nn.Linear(128 * (h // 2 // 2) * (w // 2 // 2), 1))
 
     def forward(self, x):
         return self.net(x).squeeze(1)
@@ -54,7 +58,7 @@ class Discriminator(nn.Module):
 
 def train_gan(images, seed, steps, batch_size=64, lr=2e-4, precision='fp32', device='cpu', progress=True,
               log_every=100):
-    """DCGAN (non-saturating loss, Adam(0.5, 0.999)) on uint8 images (N, 28, 28) for `steps` batches,
+    """DCGAN (non-saturating loss, Adam(0.5, 0.999)) on uint8 images (N, H, W) or (N, C, H, W) for `steps` batches,
     reshuffling every pass. A step budget (not epochs) keeps training time the same for any public-set size.
 
     Returns (G, D, history): mean losses and D accuracies over each `log_every` steps. channels_last + bf16
@@ -62,8 +66,9 @@ def train_gan(images, seed, steps, batch_size=64, lr=2e-4, precision='fp32', dev
     """
     device = torch.device(device)
     torch.manual_seed(derive_seed(seed, 'gmi', 'init'))
-    G = Generator().to(device, memory_format=torch.channels_last).train()
-    D = Discriminator().to(device, memory_format=torch.channels_last).train()
+    shape = image_shape(images)
+    G = Generator(shape=shape).to(device, memory_format=torch.channels_last).train()
+    D = Discriminator(shape).to(device, memory_format=torch.channels_last).train()
     opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.5, 0.999))
     x = to_tensor(images, device).contiguous(memory_format=torch.channels_last)
@@ -107,7 +112,8 @@ def train_gan(images, seed, steps, batch_size=64, lr=2e-4, precision='fp32', dev
 
 
 def gan_cache_key(images, seed, steps, batch_size, lr, precision):
-    key = {'arch': ARCH, 'z_dim': Z_DIM, 'public_sha256': hashlib.sha256(np.ascontiguousarray(images)).hexdigest(),
+    key = {'arch': ARCH, 'z_dim': Z_DIM, 'image_shape': list(image_shape(images)),
+           'public_sha256': hashlib.sha256(np.ascontiguousarray(images)).hexdigest(),
            'num_public': int(len(images)), 'seed': int(seed), 'steps': int(steps), 'batch_size': int(batch_size),
            'lr': float(lr), 'precision': precision}
     return key, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -138,9 +144,9 @@ def _check_info(saved):
         raise UserError('its precision is unknown')
 
 
-def _modules(g_state, d_state, device):
+def _modules(g_state, d_state, device, shape):
     # plain contiguous fp32 modules: the trained ones are channels_last
-    G, D = Generator(), Discriminator()
+    G, D = Generator(shape=shape), Discriminator(shape)
     G.load_state_dict(g_state)
     D.load_state_dict(d_state)
     return G.to(device).eval(), D.to(device).eval()
@@ -155,6 +161,7 @@ def load_or_train_gan(images, seed, steps, batch_size=64, lr=2e-4, precision='au
     device = torch.device(device)
     precision = resolve_precision(precision, device)
     key, digest = gan_cache_key(images, seed, steps, batch_size, lr, precision)
+    shape = image_shape(images)
     path = os.path.join(cache_dir, f'gmi_gan_{digest}.pt')
 
     def restore(saved):
@@ -162,13 +169,13 @@ def load_or_train_gan(images, seed, steps, batch_size=64, lr=2e-4, precision='au
             raise UserError('it is not a dict')
         if saved['key'] != key:
             raise UserError('it was trained for other data or settings')
-        _check_state(saved['generator'], Generator(), 'generator')
-        _check_state(saved['discriminator'], Discriminator(), 'discriminator')
+        _check_state(saved['generator'], Generator(shape=shape), 'generator')
+        _check_state(saved['discriminator'], Discriminator(shape), 'discriminator')
         if state_digest(saved['generator'], saved['discriminator']) != saved['weights_sha256']:
             raise UserError('weights do not match their recorded digest')
         _check_info(saved)
         info = {k: saved[k] for k in ('train_seconds', 'history', 'precision')}
-        return (*_modules(saved['generator'], saved['discriminator'], device),
+        return (*_modules(saved['generator'], saved['discriminator'], device, shape),
                 dict(info, cache_path=path, from_cache=True))
 
     cached = load_cached(path, 'GAN', restore)
@@ -183,4 +190,4 @@ def load_or_train_gan(images, seed, steps, batch_size=64, lr=2e-4, precision='au
     save_torch({'key': key, 'generator': g_state, 'discriminator': d_state, 'train_seconds': train_seconds,
                 'history': history, 'precision': precision, 'weights_sha256': state_digest(g_state, d_state)}, path)
     info = {'train_seconds': train_seconds, 'history': history, 'precision': precision}
-    return (*_modules(g_state, d_state, device), dict(info, cache_path=path, from_cache=False))
+    return (*_modules(g_state, d_state, device, shape), dict(info, cache_path=path, from_cache=False))

@@ -43,7 +43,7 @@ from torch.func import functional_call, grad, vmap
 
 from src.attacks.base import Attack, Observation, Report
 from src.client import client_update
-from src.model import CNN
+from src.model import CNN, create_model, seed_dropout
 from src.plots import save_roc_curves
 from src.utils import UserError, derive_seed, map_in_threads, resolve_precision
 
@@ -77,19 +77,19 @@ def training_recipe(cfg):
     return cfg['num_rounds'] * cfg['local_epochs'], cfg['batch_size'], cfg['learning_rate']
 
 
-def train_models(pool_x, pool_y, count, size, recipe, seed, device, global_state=None):
-    """`count` CNNs, each trained by client_update on its own random `size` images of the pool, in parallel
-    on the CPU's cores (one intra-op thread each, as clients train), from `global_state` or a seeded init."""
+def train_models(pool_x, pool_y, count, size, recipe, seed, device, global_state=None, make=CNN):
+    """`count` models of the target's architecture (make() builds one), each trained by client_update on its
+    own random `size` images of the pool, in parallel on the CPU's cores (one intra-op thread each, as clients train), from `global_state` or a seeded init."""
     epochs, batch_size, lr = recipe
     precision = resolve_precision('auto', device)
     models, jobs = [], []
     with torch.random.fork_rng(devices=[]):  # seeded inits without touching the caller's RNG
         for s in range(count):
             torch.manual_seed(derive_seed(seed, 'shadow-init', s))
-            model = CNN().to(device, memory_format=torch.channels_last)
+            model = make().to(device, memory_format=torch.channels_last)
             if global_state is not None:
                 model.load_state_dict(global_state)
-            model.dropout.generator = torch.Generator(device).manual_seed(derive_seed(seed, 'shadow-dropout', s))
+            seed_dropout(model, torch.Generator(device).manual_seed(derive_seed(seed, 'shadow-dropout', s)))
             order = torch.Generator().manual_seed(derive_seed(seed, 'shadow-data', s))
             idx = torch.randperm(len(pool_y), generator=order)[:size].to(device)
             models.append(model)
@@ -122,11 +122,11 @@ def example_losses(model, x, y, batch=1000):
                       for s in range(0, len(y), batch)])
 
 
-def gradient_alignment(state, deltas, x, y, chunk=256):
+def gradient_alignment(state, deltas, x, y, make=CNN, chunk=256):
     """(len(deltas), n): cos(delta, -(g_i - g_mean)) with g_i = grad_w loss(w; x_i, y_i) at the sent weights
     w = `state` (eval mode) and g_mean the candidates' mean gradient. Centring removes the direction every
     example's gradient shares early in training, which a cosine with the raw gradients mostly measures."""
-    model = CNN().to(x.device)
+    model = make().to(x.device)
     model.load_state_dict(state)
     model.eval()
     params = {k: v.detach().float() for k, v in model.named_parameters()}
@@ -150,11 +150,11 @@ def gradient_alignment(state, deltas, x, y, chunk=256):
 
 
 @torch.no_grad()
-def loss_reduction(state, deltas, x, y):
+def loss_reduction(state, deltas, x, y, make=CNN):
     """(len(deltas), n): loss(w; x_i, y_i) - loss(w + delta; x_i, y_i), how much each update lowered each
     candidate's loss from the sent weights w = `state`: the sent model is the per-example reference that
     calibrates for how hard an image is (difficulty calibration, Watson et al., ICLR 2022)."""
-    model = CNN().to(x.device)
+    model = make().to(x.device)
     model.load_state_dict(state)
     before = example_losses(model, x, y)
     rows = []
@@ -305,9 +305,13 @@ class MembershipInference(Attack):
         recipe = training_recipe(view.config)
         half = len(view.public_y) // 2
         # S shadows for LiRA and one reference model, all on the server's remaining public data
+
+        def make():  # the target's architecture, for the dataset's images
+            return create_model(view.config.get('model', 'cnn'), view.spec)
+
         states = train_models(view.public_x, view.public_y, settings.mia_shadows + 1, half, recipe, settings.seed,
-                              view.device)
-        shadow = CNN().to(view.device)
+                              view.device, make=make)
+        shadow = make().to(view.device)
         phi = []
         for state in states:
             shadow.load_state_dict(state)
@@ -326,11 +330,12 @@ class MembershipInference(Attack):
             n_client = int(np.median([u['num_samples'] for u in sent]))
             reference = train_models(view.public_x, view.public_y, 1, min(half, max(1, n_client)),
                                      (view.config['local_epochs'],) + recipe[1:], derive_seed(settings.seed, rd['round']),
-                                     view.device, global_state={k: v.to(view.device) for k, v in rd['global_state'].items()})[0]
+                                     view.device, global_state={k: v.to(view.device) for k, v in rd['global_state'].items()},
+                                     make=make)[0]
             ref_delta = {k: reference[k].float().cpu() - rd['global_state'][k].float() for k in reference}
             deltas = [u['delta'] for u in sent] + [ref_delta]  # the reference update last
             out['rounds'].append({'round': rd['round'], 'clients': [u['client'] for u in sent],
-                                  'scores': {name: test(rd['global_state'], deltas, x, y)
+                                  'scores': {name: test(rd['global_state'], deltas, x, y, make)
                                              for name, test in UPDATE_TESTS.items()}})
         out['seconds'] = time.perf_counter() - started
         return out

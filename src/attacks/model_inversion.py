@@ -36,15 +36,18 @@ import torch
 
 from src.attacks import common
 from src.attacks.base import Attack, Report
-from src.data import NUM_CLASSES
 from src.evaluation import class_mean_images, load_evaluators, score_inversions, summarise
-from src.plots import save_image_grid
+from src.plots import as_pixels, save_image_grid
 from src.utils import UserError, autocast, derive_seed, resolve_precision
 
 # what --mi-variant published fixes: MI-Face as Fredrikson et al. publish it
 PUBLISHED = {'loss': 'ce', 'tv_weight': 0.0, 'l2_weight': 0.0, 'jitter': 0}
-# the class-disjoint protocol (as the GAN attack's): the server's public data holds classes 5-9 only
-ATTACKED_CLASSES, PUBLIC_CLASSES = list(range(5)), list(range(5, 10))
+
+
+def class_halves(num_classes):
+    """The class-disjoint protocol (as the GAN attack's): the server's public data holds the upper half of the
+    classes (5-9 of 10) only, the lower half (0-4) is attacked. Returns (attacked, public)."""
+    return list(range(num_classes // 2)), list(range(num_classes // 2, num_classes))
 
 
 def add_arguments(parser):
@@ -131,11 +134,11 @@ def invert(model, x0, classes, steps, lr, loss='logit', tv_weight=5.0, l2_weight
     return images, log_prob.masked_fill(failed, -math.inf)
 
 
-def start_images(num_classes, restarts, init, seed, device):
-    """(num_classes * restarts) start images, class-major, from the seed (same on every device)."""
+def start_images(num_classes, restarts, init, seed, device, shape=(1, 28, 28)):
+    """(num_classes * restarts) start images of `shape`, class-major, from the seed (same on every device)."""
     g = torch.Generator().manual_seed(derive_seed(seed, 'model-inversion', 'init'))
     scale = 1.0 if init == 'noise' else 0.05
-    x0 = torch.rand(num_classes * restarts, 1, 28, 28, generator=g) * scale
+    x0 = torch.rand(num_classes * restarts, *shape, generator=g) * scale
     classes = torch.arange(num_classes).repeat_interleave(restarts)
     return x0.to(device), classes.to(device)
 
@@ -175,34 +178,36 @@ class ModelInversion(Attack):
         check_args(settings)
 
     def run(self, view, settings):
-        """The inversions, from the global model alone: {images (C, R, 1, 28, 28), log_prob (C, R),
+        """The inversions, from the global model alone: {images (classes, R, C, H, W), log_prob (classes, R),
         best (C,), settings, attack_seconds}."""
         check_args(settings)
         device = view.device
         s = effective_settings(settings, device)
         R = s['restarts']
-        x0, classes = start_images(NUM_CLASSES, R, s['init'], settings.seed, device)
+        K = view.spec.num_classes
+        x0, classes = start_images(K, R, s['init'], settings.seed, device, view.spec.shape)
         started = time.perf_counter()
         images, log_prob = invert(view.model, x0, classes, s['steps'], s['lr'], s['loss'], s['tv_weight'],
                                   s['l2_weight'], s['jitter'], settings.seed, s['precision'],
-                                  progress=f'model inversion ({NUM_CLASSES} classes x {R} restarts)')
-        log_prob = log_prob.view(NUM_CLASSES, R)
-        return {'images': images.view(NUM_CLASSES, R, 1, 28, 28), 'log_prob': log_prob,
+                                  progress=f'model inversion ({K} classes x {R} restarts)')
+        log_prob = log_prob.view(K, R)
+        return {'images': images.view(K, R, *view.spec.shape), 'log_prob': log_prob,
                 'best': common.best_restart(log_prob),  # chosen by the TARGET model only
                 'settings': s, 'attack_seconds': time.perf_counter() - started}
 
     def score(self, result, private, truth, view, settings, out_dir):
         device, s = view.device, result['settings']
         images, log_prob, best = result['images'], result['log_prob'], result['best'].cpu()
-        R = images.shape[1]
-        classes = torch.arange(NUM_CLASSES, device=device).repeat_interleave(R)
-        best_images = images[torch.arange(NUM_CLASSES, device=images.device), best.to(images.device)]  # (10, 1, 28, 28)
+        K, R = images.shape[:2]
+        attacked, public = class_halves(K)
+        classes = torch.arange(K, device=device).repeat_interleave(R)
+        best_images = images[torch.arange(K, device=images.device), best.to(images.device)]  # (K, C, H, W)
 
         evaluators = load_evaluators(private.dataset, settings.seed, view.cache_dir, device)
         px, py = private.clients()
         per_image = score_inversions(evaluators, images.flatten(0, 1), classes, px, py)['per_image']
-        is_best = np.zeros((NUM_CLASSES, R), dtype=bool)
-        is_best[np.arange(NUM_CLASSES), best.numpy()] = True
+        is_best = np.zeros((K, R), dtype=bool)
+        is_best[np.arange(K), best.numpy()] = True
         is_best = is_best.ravel()
         cls = np.asarray(per_image['target_class'])
         target_conf = log_prob.exp().flatten().cpu().numpy()
@@ -217,18 +222,18 @@ class ModelInversion(Attack):
         per_class = {str(c): dict(both(cls == c), best_restart_index=int(best[c]),
                                   eval_prediction_best=int(pick('eval_prediction')[c]),
                                   second_prediction_best=int(pick('second_prediction')[c]))
-                     for c in range(NUM_CLASSES)}
+                     for c in range(K)}
         overall = both(np.ones(len(cls), dtype=bool))
-        disjoint = both(np.isin(cls, ATTACKED_CLASSES))
+        disjoint = both(np.isin(cls, attacked))
 
         # the no-attack baselines, scored exactly like the inversions (same evaluators, same private set)
-        all_classes = list(range(NUM_CLASSES))
+        all_classes = list(range(K))
         means = class_mean_images(view.public_x, view.public_y, all_classes)
         baseline, baseline_images = self._score_baseline(evaluators, view, means, all_classes, px, py)
-        public_only = torch.isin(view.public_y, torch.tensor(PUBLIC_CLASSES, device=view.public_y.device))
+        public_only = torch.isin(view.public_y, torch.tensor(public, device=view.public_y.device))
         if public_only.any():
-            disjoint_means = class_mean_images(view.public_x[public_only], view.public_y[public_only], ATTACKED_CLASSES)
-            disjoint_baseline, _ = self._score_baseline(evaluators, view, disjoint_means, ATTACKED_CLASSES, px, py)
+            disjoint_means = class_mean_images(view.public_x[public_only], view.public_y[public_only], attacked)
+            disjoint_baseline, _ = self._score_baseline(evaluators, view, disjoint_means, attacked, px, py)
         else:  # no public image of 5-9 to average: undefined (count 0, None)
             disjoint_baseline = summarise(per_image, np.zeros(len(cls), dtype=bool), target_conf)
 
@@ -253,7 +258,7 @@ class ModelInversion(Attack):
                              'Confidence maximisation uses no public data, so its numbers are the same inversions '
                              'restricted to classes 0-4; the no-attack baseline is what that server has without '
                              'attacking: the mean of its 5-9 images, for every class 0-4'),
-                'attacked_classes': ATTACKED_CLASSES, 'public_classes': PUBLIC_CLASSES,
+                'attacked_classes': attacked, 'public_classes': public,
                 **disjoint, 'no_attack_baseline': disjoint_baseline},
             'evaluators': evaluators.info,
             'eval_classifier': {k: evaluators.info['primary'][k] for k in (
@@ -274,15 +279,15 @@ class ModelInversion(Attack):
         self._figure(out_dir, best_images, per_image, is_best, means, baseline_images, b['attack_accuracy'],
                      baseline['attack_accuracy'], s, R)
         arrays = {
-            'best_images': best_images.squeeze(1).cpu().numpy().astype(np.float32),                # (10, 28, 28)
-            'all_restarts': images.squeeze(2).cpu().numpy().astype(np.float32),                    # (10, R, 28, 28)
-            'classes': np.arange(NUM_CLASSES, dtype=np.int64),
+            'best_images': as_pixels(best_images),                                                 # (10, 28, 28)
+            'all_restarts': as_pixels(images),                                                     # (10, R, 28, 28)
+            'classes': np.arange(K, dtype=np.int64),
             'eval_predictions': pick('eval_prediction').astype(np.int64),                          # best restart
             'second_predictions': pick('second_prediction').astype(np.int64),
-            'eval_predictions_all': np.asarray(per_image['eval_prediction'], np.int64).reshape(NUM_CLASSES, R),
-            'second_predictions_all': np.asarray(per_image['second_prediction'], np.int64).reshape(NUM_CLASSES, R),
-            'target_confidence_all': target_conf.reshape(NUM_CLASSES, R).astype(np.float32),
-            'baseline_images': means.squeeze(1).cpu().numpy().astype(np.float32),                  # (10, 28, 28)
+            'eval_predictions_all': np.asarray(per_image['eval_prediction'], np.int64).reshape(K, R),
+            'second_predictions_all': np.asarray(per_image['second_prediction'], np.int64).reshape(K, R),
+            'target_confidence_all': target_conf.reshape(K, R).astype(np.float32),
+            'baseline_images': as_pixels(means),                                                   # (10, 28, 28)
         }
         return Report(metrics, arrays)
 
@@ -304,10 +309,10 @@ class ModelInversion(Attack):
         # first row's images
         shown = zip(zip(*picked), zip(*(baseline[k] for k in keys)))
         titles = [[f'target {c}\nattack {label(*a)}\nmean {label(*m)}' for c, (a, m) in enumerate(shown)],
-                  [None] * NUM_CLASSES]
+                  [None] * len(best_images)]
         save_image_grid(
             os.path.join(out_dir, 'model_inversion_all.png'),
-            [list(best_images.squeeze(1).cpu().numpy()), list(means.squeeze(1).cpu().numpy())], titles,
+            [list(as_pixels(best_images)), list(as_pixels(means))], titles,
             row_labels=['attack', 'no attack:\npublic class mean'], cell=1.5,
             suptitle=(f"Model inversion ({s['variant']}: {s['loss']} loss), best of {R} restarts by target confidence, "
                       f"above; each class's mean public image (no attack), below.\nLabels: primary evaluator's "

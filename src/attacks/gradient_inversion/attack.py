@@ -30,6 +30,7 @@ from src.attacks.gradient_inversion.invert import METHODS, invert
 from src.attacks.gradient_inversion.scoring import baselines, score_case, score_rounds
 from src.attacks.gradient_inversion.search import BATCH_STEPS, STEPS
 from src.defenses import active
+from src.plots import as_pixels
 from src.utils import UserError
 
 DEFENSE_SETTINGS = ('dp_noise_multiplier', 'dp_max_grad_norm', 'update_clip', 'update_noise', 'keep_fraction',
@@ -134,7 +135,7 @@ class GradientInversion(Attack):
         rounds = None
         if s.gi_rounds:
             t0 = time.perf_counter()
-            rounds = invert_rounds(view.captured, s.gi_rounds_dummies, s.gi_rounds_steps, s.seed,
+            rounds = invert_rounds(view.model, view.captured, s.gi_rounds_dummies, s.gi_rounds_steps, s.seed,
                                    s.gi_rounds_local_steps, view.device)
             rounds['seconds'] = time.perf_counter() - t0
         return {'cases': cases, 'rounds': rounds}
@@ -145,13 +146,13 @@ class GradientInversion(Attack):
         originals, true_labels = truth['images'], truth['labels']
         public_mean = view.public_x.mean(0, keepdim=True)
         cases, shown = {}, []
-        arrays = {'originals': originals[:, 0].cpu().numpy(), 'true_labels': true_labels.cpu().numpy(),
+        arrays = {'originals': as_pixels(originals), 'true_labels': true_labels.cpu().numpy(),
                   'indices': truth['indices']}
         for case, r in result['cases'].items():
             recon, labels, m = score_case(originals, r['inversion'], true_labels, received, truth['owners'])
             m['seconds'] = r['seconds']
             cases[f'dropout_{case}'] = m
-            arrays[f'reconstructions_dropout_{case}'] = recon[:, 0].cpu().numpy()
+            arrays[f'reconstructions_dropout_{case}'] = as_pixels(recon)
             arrays[f'recovered_labels_dropout_{case}'] = labels.cpu().numpy()
             shown.append((f'dropout {case}', recon, m['per_image']))
         baseline = baselines(originals, public_mean)
@@ -199,5 +200,5 @@ class GradientInversion(Attack):
                 'local_training': {key: meta.get(key) for key in ('local_epochs', 'batch_size', 'learning_rate')},
                 'rounds': rounds, 'seconds': attacked['seconds']}
             plot_rounds(os.path.join(out_dir, 'gradient_inversion_rounds.png'), rounds, best)
-            arrays['fedavg_rounds_best_dummy'] = np.stack([b[1][0] for b in best])
+            arrays['fedavg_rounds_best_dummy'] = np.stack([b[1] for b in best])
         return Report(metrics, arrays)

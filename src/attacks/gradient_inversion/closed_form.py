@@ -12,13 +12,14 @@ def recover_fc_input(weight_grad, bias_grad):
     return torch.einsum('no,noi->ni', bias_grad, weight_grad) / bias_grad.pow(2).sum(1, keepdim=True).clamp_min(1e-30)
 
 
-def separate_fc_inputs(weight_grad, bias_grad, batch_size, tol=1e-3):
+def separate_fc_inputs(weight_grad, bias_grad, batch_size, tol=1e-3, nonnegative=True):
     """Each image's fc1 input from one batch gradient, or None if the gradient does not give them all.
 
     dL/dW_fc1 = (1/B) sum_b d_b a2_b^T: row i is a mix of the images whose fc1 unit i is active
     (ReLU, and dropout when on). A unit active for one image only gives that image's a2 exactly
     (row / bias gradient), and such rows repeat for every unit exclusive to that image. Candidates
-    are the row ratios, grouped when equal, kept if non-negative (a2 is after ReLU and max-pool),
+    are the row ratios, grouped when equal, kept if non-negative where the layer's input is (after ReLU and
+    max-pool, as the CNN's a2),
     most repeated first, each added if outside the span of those kept. Success when B of them
     explain the whole weight gradient (relative residual < tol). Returns (a2 (B, in), d (B, out)).
     """
@@ -35,7 +36,7 @@ def separate_fc_inputs(weight_grad, bias_grad, batch_size, tol=1e-3):
     groups.sort(key=lambda g: -g[0])
     chosen = []
     for _, cand in groups:
-        if cand.min() < -tol * cand.abs().max():
+        if nonnegative and cand.min() < -tol * cand.abs().max():
             continue
         if chosen:
             A = torch.stack(chosen)

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from src.attacks.gradient_inversion.cnn import NUM_CLASSES, flat, per_example_grads
+from src.attacks.gradient_inversion.layers import flat, output_bias, per_example_grads
 from src.attacks.gradient_inversion.labels import recover_labels
 from src.attacks.gradient_inversion.search import relative_distance
 
@@ -19,17 +19,17 @@ def dlg_lbfgs(model, grads, label, iterations, soft_label, generator):
     The distance is divided by |target gradient|^2, a constant, so the minimiser is the papers'
     but fp32 L-BFGS does not stall on the tiny gradients of a trained model. It stops early once the
     distance is non-finite or 1000x its first value (diverged).
-    Returns (image (1,1,28,28), label (1,), final distance (1,)).
+    Returns (image (1, C, H, W), label (1,), final distance (1,)).
     """
-    device = grads['fc1.bias'].device
     target = flat(grads)
-    x = torch.rand(1, 1, 28, 28, generator=generator).to(device).requires_grad_(True)
+    device, classes = target.device, model.spec.num_classes
+    x = torch.rand(1, *model.spec.shape, generator=generator).to(device).requires_grad_(True)
     params = [x]
     if soft_label:
-        y = torch.randn(1, NUM_CLASSES, generator=generator).to(device).requires_grad_(True)
+        y = torch.randn(1, classes, generator=generator).to(device).requires_grad_(True)
         params.append(y)
     else:
-        y_onehot = F.one_hot(label.view(1), NUM_CLASSES).float()
+        y_onehot = F.one_hot(label.view(1), classes).float()
     # as the papers' code: LBFGS(lr=1) with its defaults (up to 20 inner iterations per step), stepped
     # `iterations` times
     opt = torch.optim.LBFGS(params, lr=1)
@@ -59,10 +59,11 @@ def dlg_lbfgs(model, grads, label, iterations, soft_label, generator):
 def dlg_attack(model, grads, method, iterations, generator, progress=True):
     """DLG or iDLG on every single-image gradient in grads ({name: (n, *shape)}), one at a time; an image
     whose result is non-finite is restarted from fresh noise, up to ATTEMPTS tries, then reported failed.
-    Returns (images (n,1,28,28), labels (n,), failed (n,), restarted (n,))."""
-    n = grads['fc2.bias'].shape[0]
+    Returns (images (n, C, H, W), labels (n,), failed (n,), restarted (n,))."""
+    bias = output_bias(model)
+    n = grads[bias].shape[0]
     images, labels, failed, restarted = [], [], [], []
-    recovered = recover_labels(grads['fc2.bias'], 1)[:, 0]
+    recovered = recover_labels(grads[bias], 1)[:, 0]
     for i in tqdm(range(n), desc=method, unit='image', leave=False, disable=not progress):
         one = {k: v[i:i + 1] for k, v in grads.items()}
         for attempt in range(ATTEMPTS):

@@ -1,7 +1,5 @@
 """The gradient attack's figures: originals above reconstructions, and the leakage per FedAvg round."""
-import numpy as np
-
-from src.plots import save_image_grid
+from src.plots import as_pixels, draw, save_image_grid
 from src.utils import atomic_path
 
 MAX_SHOWN = 16  # images in the reconstruction figure
@@ -9,12 +7,12 @@ MAX_SHOWN = 16  # images in the reconstruction figure
 
 def plot_reconstructions(path, originals, true_labels, cases, suptitle):
     """Originals (label) above each case's reconstructions (an X where failed, recovered label, PSNR).
-    cases: [(row label, reconstructions (N, 1, 28, 28) in the originals' order, per_image metrics)]."""
+    cases: [(row label, reconstructions (N, C, H, W) in the originals' order, per_image metrics)]."""
     n = min(len(originals), MAX_SHOWN)
-    rows = [[o.cpu().numpy() for o in originals[:n, 0]]]
+    rows = [list(as_pixels(originals[:n]))]
     titles = [[f'label {int(y)}' for y in true_labels[:n]]]
     for _, recon, per_image in cases:
-        rows.append([r.cpu().numpy() for r in recon[:n, 0]])
+        rows.append(list(as_pixels(recon[:n])))
         titles.append([f"{'X ' if p['failed'] else ''}{p['recovered_label']} {p['psnr']:.1f}dB" for p in per_image[:n]])
     save_image_grid(path, rows, titles, row_labels=['original'] + [c[0] for c in cases], suptitle=suptitle)
 
@@ -41,7 +39,7 @@ def plot_rounds(path, rounds, shown):
     for i, (rnd, rec, real, p) in enumerate(shown):
         for k, (img, title) in enumerate([(rec, f'r{rnd} {p:.1f}dB'), (real, 'nearest real')]):
             a = fig.add_subplot(grid[1 + k, i])
-            a.imshow(np.clip(img[0], 0, 1), cmap='gray', vmin=0, vmax=1)
+            draw(a, img)
             a.set_xticks([])
             a.set_yticks([])
             a.set_title(title, fontsize=6)

@@ -5,12 +5,12 @@ from dataclasses import dataclass
 
 import torch
 
+import src.attacks.gradient_inversion.layers as layers
 from src.attacks.gradient_inversion.closed_form import (labels_from_fc1_output_grads, recover_fc_input,
                                                         separate_fc_inputs)
-from src.attacks.gradient_inversion.cnn import frozen
 from src.attacks.gradient_inversion.dlg import ITERATIONS, dlg_attack
 from src.attacks.gradient_inversion.labels import recover_labels
-from src.attacks.gradient_inversion.search import BATCH_STEPS, STEPS, cosine_search, feature_search
+from src.attacks.gradient_inversion.search import BATCH_STEPS, STEPS, conv_targets, cosine_search, feature_search
 from src.utils import UserError
 
 METHODS = ('dlg', 'idlg', 'default')
@@ -19,22 +19,26 @@ METHODS = ('dlg', 'idlg', 'default')
 @dataclass
 class Inversion:
     """What the attack recovered from n_batches gradients of batch_size images each, in batch order."""
-    images: torch.Tensor     # (N, 1, 28, 28) in [0, 1]; black where failed
+    images: torch.Tensor     # (N, C, H, W) in [0, 1]; black where failed
     labels: torch.Tensor     # (N,) int64; inside a batch in no particular order
     failed: torch.Tensor     # (N,) bool: diverged on every try, never passed off as a result
     restarted: torch.Tensor  # (N,) bool: diverged once and searched again
 
 
 def invert_single_images(model, grads, steps, restarts, generator, prior_image=None, progress=True):
-    """Batch size 1: label and fc1 input in closed form, then the feature search.
+    """Batch size 1: label and the first FC layer's input in closed form, then the feature search.
 
-    Returns (images (N,1,28,28), labels (N,), a2 distance (N,), failed (N,), restarted (N,))."""
-    labels = recover_labels(grads['fc2.bias'], 1)[:, 0]
-    a2_target = recover_fc_input(grads['fc1.weight'], grads['fc1.bias'])
-    G = grads['fc1.bias'] @ model.fc1.weight  # dL/da2, exact whatever the dropout mask
-    W2, W1 = grads['conv2.weight'].flatten(2), grads['conv1.weight'].flatten(2)
-    images, dist, failed, restarted = feature_search(model, a2_target, G, W2, W1, 1, steps, restarts, generator,
-                                                     prior_image, progress)
+    Returns (images (N, C, H, W), labels (N,), a2 distance (N,), failed (N,), restarted (N,))."""
+    labels = recover_labels(grads[layers.output_bias(model)], 1)[:, 0]
+    name, fc = layers.first_fc(model)
+    a2_target = recover_fc_input(grads[name + '.weight'], grads[name + '.bias'])
+    G = grads[name + '.bias'] @ fc.weight  # dL/da2, exact whatever the dropout mask
+    pixels = layers.pixels_from_fc_input(model, a2_target)
+    if pixels is not None:  # the FC layer reads the pixels: its input is the image, nothing to search
+        no = torch.zeros(len(pixels), dtype=torch.bool)
+        return pixels, labels, torch.zeros(len(pixels), device=pixels.device), no, no.clone()
+    images, dist, failed, restarted = feature_search(model, a2_target, G, conv_targets(model, grads), 1, steps,
+                                                     restarts, generator, prior_image, progress)
     return images, labels, dist, failed, restarted
 
 
@@ -43,16 +47,20 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, prior_i
 
     Batches whose fc1 gradient does not separate into batch_size images fall back to the cosine
     search (Geiping et al.) with the label counts. Separated images get exact labels from their
-    own fc1 output gradient.
+    own fc1 output gradient where the layer after fc1 is the output layer (the CNN); in other models
+    they keep the batch's label counts.
     Returns (images, labels (n_batches*B,), failed (n_batches*B,), restarted (n_batches*B,),
     separated (n_batches,) bool).
     """
     B = batch_size
-    counts = recover_labels(grads['fc2.bias'], B)
+    counts = recover_labels(grads[layers.output_bias(model)], B)
     n_batches = counts.shape[0]
-    parts = [separate_fc_inputs(grads['fc1.weight'][i], grads['fc1.bias'][i], B) for i in range(n_batches)]
+    name, fc = layers.first_fc(model)
+    nonnegative = layers.fc_input_is_nonnegative(model)
+    parts = [separate_fc_inputs(grads[name + '.weight'][i], grads[name + '.bias'][i], B, nonnegative=nonnegative)
+             for i in range(n_batches)]
     sep = torch.tensor([p is not None for p in parts])
-    images = torch.zeros(n_batches * B, 1, 28, 28, device=grads['fc1.bias'].device)
+    images = torch.zeros(n_batches * B, *model.spec.shape, device=counts.device)
     labels = counts.clone()
     failed = torch.zeros(n_batches * B, dtype=torch.bool)
     restarted = torch.zeros(n_batches * B, dtype=torch.bool)
@@ -60,11 +68,15 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, prior_i
         a2 = torch.cat([p[0] for p in parts if p is not None])
         d = torch.cat([p[1] for p in parts if p is not None])
         keep = sep.nonzero().flatten()
-        W2 = grads['conv2.weight'][keep].flatten(2)
-        W1 = grads['conv1.weight'][keep].flatten(2)
-        x, _, f, r = feature_search(model, a2, d @ model.fc1.weight, W2, W1, B, steps, restarts, generator,
-                                    prior_image, progress)
-        labels[keep] = labels_from_fc1_output_grads(model, d).view(-1, B)
+        x = layers.pixels_from_fc_input(model, a2)
+        if x is not None:  # the FC layer reads the pixels: each separated input is an image
+            f, r = torch.zeros(len(x), dtype=torch.bool), torch.zeros(len(x), dtype=torch.bool)
+        else:
+            targets = [w[keep] for w in conv_targets(model, grads)]
+            x, _, f, r = feature_search(model, a2, d @ fc.weight, targets, B, steps, restarts, generator,
+                                        prior_image, progress)
+        if layers.is_cnn(model):
+            labels[keep] = labels_from_fc1_output_grads(model, d).view(-1, B)
         idx = (keep[:, None] * B + torch.arange(B)).flatten()
         images[idx], failed[idx], restarted[idx] = x, f.cpu(), r
     if (~sep).any():
@@ -89,7 +101,7 @@ def invert(model, grads, method, batch_size, iterations=None, restarts=2, seed=0
     if method != 'default' and batch_size != 1:
         raise UserError(f'--gi-method {method} attacks single-image gradients: use --gi-batch-size 1')
     generator = torch.Generator().manual_seed(seed)
-    with frozen(model):
+    with layers.frozen(model):
         if method != 'default':
             images, labels, failed, restarted = dlg_attack(model, grads, method, iterations or ITERATIONS, generator,
                                                            progress)

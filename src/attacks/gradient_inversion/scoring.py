@@ -4,8 +4,8 @@ import numpy as np
 import torch
 
 from src.attacks.common import RECOVERED_DB, recovered_fractions
-from src.attacks.gradient_inversion.cnn import NUM_CLASSES
 from src.metrics import mse, psnr, ssim
+from src.plots import as_pixels
 
 
 def match_to_originals(recon, labels, originals, batch_size):
@@ -29,8 +29,9 @@ def label_count_accuracy(true, recovered, batch_size):
     """Fraction of labels recovered, per batch as multisets (order inside a batch is unknowable)."""
     hits = 0
     for s in range(0, len(true), batch_size):
-        t = torch.bincount(true[s:s + batch_size], minlength=NUM_CLASSES)
-        r = torch.bincount(recovered[s:s + batch_size], minlength=NUM_CLASSES)
+        classes = int(max(true.max(), recovered.max())) + 1
+        t = torch.bincount(true[s:s + batch_size], minlength=classes)
+        r = torch.bincount(recovered[s:s + batch_size], minlength=classes)
         hits += torch.minimum(t, r).sum().item()
     return hits / len(true)
 
@@ -88,7 +89,7 @@ def score_rounds(attacked, private, public_mean):
                                    'mean_image_psnr_mean': base.mean().item(), 'black_image_psnr_max': blank.item(),
                                    'dummy_labels': rd['labels'][j].tolist()})
             if j == 0:
-                shown.append((rd['round'], rec[r][p.argmax()].cpu().numpy(), real[c][p.argmax()].cpu().numpy(),
+                shown.append((rd['round'], as_pixels(rec[r][p.argmax()]), as_pixels(real[c][p.argmax()]),
                               p.max().item()))
         for key in ('psnr_mean', 'psnr_max', 'mean_image_psnr_mean', 'black_image_psnr_max'):
             row[key] = float(np.mean([c[key] for c in row['clients']]))
