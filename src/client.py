@@ -9,7 +9,7 @@ def client_update(model, images, labels, epochs, batch_size, lr, precision='fp32
                   progress=None):
     """Train `model` in place on (images, labels) and return (state_dict, num_samples).
 
-    `images` is a float tensor (N, 1, 28, 28) already on the model's device; batches are
+    `images` is a float tensor (N, C, H, W) already on the model's device; batches are
     index slices of it (no DataLoader: the data is small and already in memory).
     The shuffle order comes from `generator`; dropout draws its masks from
     `model.dropout.generator`, which the caller seeds per (round, client).

@@ -13,6 +13,7 @@ import shutil
 import urllib.request
 import zlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -109,7 +110,7 @@ class Dataset:
     test_images: np.ndarray
     test_labels: np.ndarray
 
-    @property
+    @cached_property
     def spec(self):
         if self.name in STATS:
             mean, std = STATS[self.name]

@@ -383,7 +383,7 @@ def summarise(per_image, mask, target_confidence=None):
 def score_inversions(evaluators, images, target_classes, private_x, private_y):
     """Score inversions with both evaluation classifiers.
 
-    evaluators: an Evaluators (load_evaluators); images: (M, 1, 28, 28) in [0, 1] (tensor or array);
+    evaluators: an Evaluators (load_evaluators); images: (M, C, H, W) in [0, 1] (tensor or array);
     target_classes: (M,) the class each one attacks; private_x, private_y: the clients' training images and
     labels (what the attack tries to reveal).
     Returns {'per_image': lists, 'per_class': {str(c): summarise(...)}, 'overall': summarise(...)}; per image:

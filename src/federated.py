@@ -4,6 +4,7 @@ import os
 import platform
 import queue
 import time
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -289,7 +290,9 @@ def write_results(cfg, spec, global_state, server, rounds, dp_history, parts, co
         'wall_seconds': wall,
         'samples_per_second': steps_per_round * cfg['num_rounds'] / sum(r['seconds'] for r in rounds),
     }
-    plain_state = {k: v.detach().cpu().contiguous() for k, v in global_state.items()}
+    plain_state = OrderedDict((k, v.detach().cpu().contiguous()) for k, v in global_state.items())
+    # which model this is, where torch keeps a state dict's metadata: load_state_dict reads only 'version'
+    plain_state._metadata = {'': {'version': 1, 'model': cfg['model'], 'dataset_spec': spec.as_dict()}}
     save_torch(plain_state, os.path.join(out, 'global_model.pth'))
     save_torch(server.record(), os.path.join(out, 'captured_updates.pt'))
     save_json(history, os.path.join(out, 'training_history.json'))

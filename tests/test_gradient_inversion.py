@@ -10,14 +10,12 @@ import torch.nn.functional as F
 from src.attacks import runner
 from src.attacks.base import AttackerView, PrivateData
 from src.attacks.common import descend
-from src.attacks.gradient_inversion import (GradientInversion, clients, closed_form, cnn, dlg, fedavg_rounds, layers,
-                                            search)
+from src.attacks.gradient_inversion import GradientInversion, clients, closed_form, dlg, fedavg_rounds, layers, search
 from src.attacks.gradient_inversion.invert import invert, invert_batches
 from src.attacks.gradient_inversion.labels import recover_labels
 from src.attacks.gradient_inversion.scoring import label_count_accuracy, match_to_originals
 from src.defenses import defend_gradients
 from src.metrics import psnr
-from src.data import MNIST_SPEC
 from src.model import CNN
 from src.utils import UserError
 from tests.conftest import synthetic_digits
@@ -60,7 +58,7 @@ def test_batched_per_example_grads_equal_autograd():
     model = CNN().eval()
     x, y = tiny_batch(3)
     with layers.frozen(model):
-        ours = cnn.per_example_grads(model, x, F.one_hot(y, 10).float())
+        ours = layers.per_example_grads(model, x, F.one_hot(y, 10).float())
     ref = clients.client_gradients(model, x, y, 1, dropout=False)
     for name in NAMES:
         torch.testing.assert_close(ours[name], ref[name], atol=1e-6, rtol=1e-4)
@@ -267,7 +265,7 @@ def test_idlg_label_is_exact_and_lbfgs_closes_the_gradient_gap():
     label = recover_labels(grads['fc2.bias'], 1)[0, 0]
     start = torch.rand(1, 1, 28, 28, generator=torch.Generator().manual_seed(0))  # dlg_lbfgs's first draw
     with layers.frozen(model):
-        d0 = search.relative_distance(layers.flat(cnn.per_example_grads(model, start, F.one_hot(y, 10).float())),
+        d0 = search.relative_distance(layers.flat(layers.per_example_grads(model, start, F.one_hot(y, 10).float())),
                                       layers.flat(grads))
         image, lab, d = dlg.dlg_lbfgs(model, grads, label, 5, False, torch.Generator().manual_seed(0))
     assert torch.equal(lab, y)
@@ -374,7 +372,7 @@ def test_batched_client_forward_and_local_steps_match_the_model():
     w = {k: torch.stack([dict(m.named_parameters())[k].detach() for m in models]) for k in NAMES}
     with torch.no_grad():
         ref = torch.stack([m(xi) for m, xi in zip(models, x)])
-    torch.testing.assert_close(cnn.clients_logits(MNIST_SPEC, w, x), ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(layers.clients_logits(models[0], w, x), ref, atol=1e-5, rtol=1e-4)
     # two simulated SGD steps from one global model equal two real steps on each client's batch
     start = {k: v[0] for k, v in w.items()}
     sim = fedavg_rounds.simulate_updates(CNN(), start, x, y, 2, 0.1)

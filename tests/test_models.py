@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import run_all_attacks
-from src.attacks.gradient_inversion import clients, cnn, fedavg_rounds, layers, search
+from src.attacks.gradient_inversion import clients, fedavg_rounds, layers, search
 from src.attacks.gradient_inversion.invert import invert
 from src.attacks.gradient_inversion.scoring import match_to_originals
 from src.data import MNIST_SPEC, DatasetSpec
@@ -23,7 +23,8 @@ RGB = DatasetSpec((3, 32, 32), 10, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26))
 
 
 class GenericCNN(CNN):
-    """The CNN, seen by the attack as any other model: layers.is_cnn is False, so the torch.func paths run."""
+    """The CNN, seen by the attack as any other model: layers.is_cnn is False, so the feature search takes the
+    torch.func path."""
 
 
 def digits(n, seed=0):
@@ -39,23 +40,9 @@ def test_every_model_is_built_for_the_spec(name, spec):
     assert layers.first_fc(model)[1].bias is not None and layers.output_bias(model) in dict(model.named_parameters())
 
 
-def test_per_example_gradients_of_any_model_equal_the_cnns_hand_written_ones():
-    torch.manual_seed(0)
-    model = CNN().eval()
-    generic = GenericCNN().eval()
-    generic.load_state_dict(model.state_dict())
-    x, y = digits(6)
-    t = F.one_hot(y, 10).float()
-    ours = cnn.per_example_grads(model, x, t)
-    theirs = layers.per_example_grads(generic, x, t)
-    assert list(ours) == list(theirs)
-    for name in ours:
-        torch.testing.assert_close(theirs[name], ours[name], atol=1e-6, rtol=1e-4)
-
-
 def test_the_feature_search_terms_of_any_model_equal_the_cnns():
-    """fc_input_and_grads (torch.func) gives the CNN's forward_parts/unfold products: same a2, same conv
-    weight gradients, and the same differentiable distance."""
+    """fc_input_and_grads (torch.func) gives what the CNN's written-out path (unfolded convolutions) gives: the
+    same distance, differentiable in x."""
     torch.manual_seed(1)
     model = CNN().eval()
     generic = GenericCNN().eval()
@@ -154,9 +141,27 @@ def test_a_checkpoint_of_another_model_is_refused_with_the_mismatch_named(tmp_pa
     from src.attacks.target import load_attack_inputs
     from src.utils import UserError
     train(tiny_config(idx_dir, tmp_path / 'run', model='mlp'), log=lambda *a: None)
+    path = tmp_path / 'run' / 'global_model.pth'
+    state = torch.load(path, weights_only=True)  # a plain state dict that also says which model it is
+    assert state._metadata['']['model'] == 'mlp' and create_model('mlp', MNIST_SPEC).load_state_dict(state)
     history = tmp_path / 'run' / 'training_history.json'
     h = json.loads(history.read_text())
     h['config']['model'] = 'lenet'
     history.write_text(json.dumps(h))
+    with pytest.raises(UserError, match='holds a mlp, but its training history names the lenet'):
+        load_attack_inputs(str(path), device='cpu')
+    torch.save(dict(state), path)  # without the metadata (an older run's file): the shapes still tell
     with pytest.raises(UserError, match='is not the lenet its training history names'):
-        load_attack_inputs(str(tmp_path / 'run' / 'global_model.pth'), device='cpu')
+        load_attack_inputs(str(path), device='cpu')
+
+
+def test_one_examples_gradient_is_the_batch_paths():
+    """A single example (DLG, iDLG) takes plain autograd instead of vmap: the same numbers."""
+    torch.manual_seed(5)
+    model = create_model('lenet', RGB).eval()
+    x, t = torch.rand(3, *RGB.shape), F.one_hot(torch.tensor([3, 1, 2]), 10).float()
+    with layers.frozen(model):
+        together = layers.per_example_grads(model, x, t)
+        alone = [layers.per_example_grads(model, x[i:i + 1], t[i:i + 1]) for i in range(3)]
+    for name, g in together.items():
+        torch.testing.assert_close(g, torch.cat([a[name] for a in alone]), atol=1e-6, rtol=1e-5)

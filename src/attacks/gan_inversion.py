@@ -338,8 +338,8 @@ class GanInversion(Attack):
         }
         write_figures(out_dir, main, s, cd if isinstance(cd, dict) else None, d if isinstance(cd, dict) else None,
                       search)
-        arrays = {'best_images': s['best_images'],                                                 # (10, 28, 28)
-                  'all_restarts': as_pixels(main['images']),                                      # (10, R, 28, 28)
+        arrays = {'best_images': s['best_images'],                                                # (classes, H, W[, 3])
+                  'all_restarts': as_pixels(main['images']),                                   # (classes, R, H, W[, 3])
                   'target_confidence_all': main['conf'].cpu().numpy().astype(np.float32),          # (10, R)
                   'eval_predictions_all': s['predictions'][0], 'second_predictions_all': s['predictions'][1],
                   'no_attack_baseline': s['baseline_images'],                                      # (attacked, 28, 28)

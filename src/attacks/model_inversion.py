@@ -96,7 +96,7 @@ def invert(model, x0, classes, steps, lr, loss='logit', tv_weight=5.0, l2_weight
            precision='fp32', progress=None):
     """Gradient ascent on a batch of images, each toward its own class; returns (images, target log-prob).
 
-    x0: (N, 1, 28, 28) start images in [0, 1]; classes: (N,) int64. Every image is optimised
+    x0: (N, C, H, W) start images in [0, 1]; classes: (N,) int64. Every image is optimised
     independently (see module docstring), so N can mix classes and restarts freely. precision='bf16'
     runs the model under bf16 autocast; the images, the loss and the final confidences stay fp32.
     A regulariser with weight 0 is not computed at all (the published variant runs the bare loss).
@@ -279,15 +279,15 @@ class ModelInversion(Attack):
         self._figure(out_dir, best_images, per_image, is_best, means, baseline_images, b['attack_accuracy'],
                      baseline['attack_accuracy'], s, R)
         arrays = {
-            'best_images': as_pixels(best_images),                                                 # (10, 28, 28)
-            'all_restarts': as_pixels(images),                                                     # (10, R, 28, 28)
+            'best_images': as_pixels(best_images),                                                # (classes, H, W[, 3])
+            'all_restarts': as_pixels(images),                                                 # (classes, R, H, W[, 3])
             'classes': np.arange(K, dtype=np.int64),
             'eval_predictions': pick('eval_prediction').astype(np.int64),                          # best restart
             'second_predictions': pick('second_prediction').astype(np.int64),
             'eval_predictions_all': np.asarray(per_image['eval_prediction'], np.int64).reshape(K, R),
             'second_predictions_all': np.asarray(per_image['second_prediction'], np.int64).reshape(K, R),
             'target_confidence_all': target_conf.reshape(K, R).astype(np.float32),
-            'baseline_images': as_pixels(means),                                                   # (10, 28, 28)
+            'baseline_images': as_pixels(means),                                                  # (classes, H, W[, 3])
         }
         return Report(metrics, arrays)
 

@@ -18,6 +18,9 @@ def load_model(path, name='cnn', spec=MNIST_SPEC, device='cpu'):
     state = load_torch(path, 'model checkpoint')
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f'model checkpoint {path}: not a state dict of tensors')
+    recorded = (getattr(state, '_metadata', None) or {}).get('', {}).get('model')
+    if recorded is not None and recorded != name:
+        raise UserError(f'model checkpoint {path} holds a {recorded}, but its training history names the {name}')
     model = create_model(name, spec)
     expected, got = param_shapes(model), {k: tuple(v.shape) for k, v in state.items()}
     if expected != got:

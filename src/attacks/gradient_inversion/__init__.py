@@ -5,7 +5,7 @@ See attack.py for the threat model and the methods, one file per idea:
     clients.py        the clients' side: attacked images, their gradients, defenses, secure aggregation
     labels.py         labels from the last layer's bias gradient (iDLG, LLG counts)
     closed_form.py    fc1's input, batch separation, labels from fc1's output gradient
-    cnn.py            the CNN-specific forward pieces: per-example gradients, per-client forward
+    layers.py         what the attack needs of any model: per-example gradients, per-client forward (torch.func)
     dlg.py            DLG / iDLG (L-BFGS, one image at a time)
     search.py         the default method's feature search, and the cosine search for batches
     invert.py         every intercepted gradient attacked with the chosen method
