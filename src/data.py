@@ -85,9 +85,17 @@ class DatasetSpec:
         """(x - mean) / std per channel, x (N, C, H, W) in [0, 1]."""
         if len(self.mean) == 1:  # Python scalars: the arithmetic every published number was measured with
             return (x - self.mean[0]) / self.std[0]
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        mean, std = self._per_channel(x)
         return (x - mean) / std
+
+    def denormalise(self, z):
+        """The pixels whose normalisation is z (N, C, H, W)."""
+        mean, std = self._per_channel(z)
+        return z * std + mean
+
+    def _per_channel(self, x):
+        return (torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1),
+                torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1))
 
     def as_dict(self):
         return {'shape': list(self.shape), 'num_classes': self.num_classes, 'mean': list(self.mean),

@@ -232,6 +232,13 @@ def test_public_data_protocols(tmp_path):
     for bad in ('classes:0-9', 'classes:x', 'mnist', 'train', 'classes:11'):
         with pytest.raises(UserError):
             gi.public_data(view, bad)
+    # a class list impossible for the data is refused once it is loaded, before any attack runs
+    attack = gi.GanInversion()
+    attack.check_data(settings('--gmi-public', 'classes:5-9'), view)
+    for bad in ('classes:0-9', 'classes:11'):
+        attack.check(settings('--gmi-public', bad))  # the flag alone cannot tell: the classes are the data's
+        with pytest.raises(UserError, match='within 0-9'):
+            attack.check_data(settings('--gmi-public', bad), view)
 
 
 # ---------------------------------------------------------------------------------------------- run and score

@@ -101,6 +101,10 @@ class Attack:
     def check(self, settings):
         """Raise UserError for impossible flag values, before any work starts."""
 
+    def check_data(self, settings, view):
+        """Raise UserError for flag values impossible for this data (e.g. its number of classes): called for
+        every chosen attack once the data is loaded, before any attack runs."""
+
     def observe(self, private, view, settings):
         """The clients' side, for attacks on what a client sends (e.g. one gradient): an Observation, or None."""
         return None

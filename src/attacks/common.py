@@ -78,3 +78,9 @@ def recovered_fractions(psnr_values, thresholds=RECOVERED_DB):
     """{'recovered_25db': f, 'recovered_30db': f}: the fraction of reconstructions at or above each PSNR."""
     p = torch.as_tensor(psnr_values, dtype=torch.float32)
     return {f'recovered_{t:g}db': int((p >= t).sum()) / len(p) if len(p) else 0.0 for t in thresholds}
+
+
+def class_halves(num_classes):
+    """The class-disjoint protocol (as the GAN attack's): the server's public data holds the upper half of the
+    classes (5-9 of 10) only, the lower half (0-4) is attacked. Returns (attacked, public)."""
+    return list(range(num_classes // 2)), list(range(num_classes // 2, num_classes))

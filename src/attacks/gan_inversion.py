@@ -35,10 +35,9 @@ import torch
 from tqdm import tqdm
 
 from src.attacks.base import Attack, Report
-from src.attacks.common import best_restart, descend, identity_loss
+from src.attacks.common import best_restart, class_halves, descend, identity_loss
 from src.attacks.gan_prior import Z_DIM, load_or_train_gan
 from src.data import CHECKSUMS, load_dataset, to_tensor
-from src.attacks.model_inversion import class_halves
 from src.plots import as_pixels, save_image_grid
 from src.utils import UserError, autocast, derive_seed, resolve_precision
 
@@ -84,8 +83,10 @@ def parse_classes(text, num_classes=None):
             classes.update(range(int(lo), int(hi or lo) + 1))
     except ValueError:
         raise UserError(f"--gmi-public classes:{text}: use class ids like 'classes:5-9' or 'classes:0,2,4'") from None
-    k = num_classes or max(classes, default=0) + 2
-    if not classes or min(classes) < 0 or max(classes) >= k or len(classes) == k:
+    if not classes or min(classes) < 0:
+        raise UserError(f'--gmi-public classes:{text}: name class ids 0 and up')
+    k = num_classes
+    if k is not None and (max(classes) >= k or len(classes) == k):
         raise UserError(f'--gmi-public classes:{text}: name 1 to {k - 1} classes within 0-{k - 1} '
                         '(the attack targets the classes left out)')
     return sorted(classes)
@@ -241,6 +242,10 @@ class GanInversion(Attack):
         elif spec != 'test' and spec not in CHECKSUMS:
             raise UserError(f"--gmi-public {spec!r}: use 'test', 'classes:5-9' or another dataset "
                             f"({', '.join(CHECKSUMS)})")
+
+    def check_data(self, settings, view):
+        if settings.gmi_public.startswith('classes:'):  # now that the number of classes is known
+            parse_classes(settings.gmi_public[len('classes:'):], view.spec.num_classes)
 
     def run(self, view, settings):
         """Both GANs and their latent searches, from the server's view alone (its model and public data)."""

@@ -44,12 +44,6 @@ from src.utils import UserError, autocast, derive_seed, resolve_precision
 PUBLISHED = {'loss': 'ce', 'tv_weight': 0.0, 'l2_weight': 0.0, 'jitter': 0}
 
 
-def class_halves(num_classes):
-    """The class-disjoint protocol (as the GAN attack's): the server's public data holds the upper half of the
-    classes (5-9 of 10) only, the lower half (0-4) is attacked. Returns (attacked, public)."""
-    return list(range(num_classes // 2)), list(range(num_classes // 2, num_classes))
-
-
 def add_arguments(parser):
     g = parser.add_argument_group('model_inversion', 'confidence-maximisation model inversion (Fredrikson et al. 2015)')
     g.add_argument('--mi-variant', choices=['default', 'published'], default='default',
@@ -199,7 +193,7 @@ class ModelInversion(Attack):
         device, s = view.device, result['settings']
         images, log_prob, best = result['images'], result['log_prob'], result['best'].cpu()
         K, R = images.shape[:2]
-        attacked, public = class_halves(K)
+        attacked, public = common.class_halves(K)
         classes = torch.arange(K, device=device).repeat_interleave(R)
         best_images = images[torch.arange(K, device=images.device), best.to(images.device)]  # (K, C, H, W)
 

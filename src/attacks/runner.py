@@ -65,6 +65,8 @@ def run_attacks(view, private, args, out_dir, names, log=print):
     Each attack's run() gets the server's view only; what clients send (observe) is simulated on the
     clients' side first, and the private data reaches score() alone.
     """
+    for name in names:
+        get(name).check_data(args, view)
     results, arrays = {}, {}
     for name in names:
         attack = get(name)

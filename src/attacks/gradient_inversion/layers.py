@@ -128,16 +128,15 @@ def pixels_from_fc_input(model, a2):
     with torch.no_grad():
         if not torch.allclose(fc_input(model, fc, probe), spec.normalise(probe).flatten(1), atol=1e-6):
             return None
-    mean = torch.tensor(spec.mean, device=a2.device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=a2.device).view(1, -1, 1, 1)
-    return (a2.view(-1, *spec.shape) * std + mean).clamp(0, 1)
+    return spec.denormalise(a2.view(-1, *spec.shape)).clamp(0, 1)
 
 
-def fc_input_and_grads(model, layer, x, G):
+def fc_input_and_grads(model, x, G):
     """The first FC layer's input a (N, in), and each example's gradient of (a . G) w.r.t. the parameters
     before that layer, {name: (N, *shape)}: the conv weight gradients a client's image leaves when
     dL/da = G. Differentiable in x (the feature search matches both)."""
-    names = set(before(model, first_fc(model)[0]))
+    name, layer = first_fc(model)
+    names = set(before(model, name))
     earlier = {n: p.detach() for n, p in model.named_parameters() if n in names}
     a = fc_input(model, layer, x)
     if not earlier:

@@ -64,7 +64,7 @@ def _pulled_weight_grads(model, x, G):
         d2, d1 = torch.autograd.grad((a2 * G).sum(), [c2, c1], retain_graph=True)
         return a2, [torch.bmm(d2.flatten(2), F.unfold(p1, 3).transpose(1, 2)),
                     torch.bmm(d1.flatten(2), F.unfold(z, 3).transpose(1, 2))]
-    a2, grads = layers.fc_input_and_grads(model, layers.first_fc(model)[1], x, G)
+    a2, grads = layers.fc_input_and_grads(model, x, G)
     return a2, [grads[n] for n in reversed(list(grads)) if n.endswith('weight')]
 
 
