@@ -153,6 +153,10 @@ def test_a_checkpoint_of_another_model_is_refused_with_the_mismatch_named(tmp_pa
     torch.save(dict(state), path)  # without the metadata (an older run's file): the shapes still tell
     with pytest.raises(UserError, match='is not the lenet its training history names'):
         load_attack_inputs(str(path), device='cpu')
+    state._metadata = {'': 'not a dict'}  # malformed metadata names nothing: one line from the shapes, no traceback
+    torch.save(state, path)
+    with pytest.raises(UserError, match='is not the lenet its training history names'):
+        load_attack_inputs(str(path), device='cpu')
 
 
 def test_one_examples_gradient_is_the_batch_paths():

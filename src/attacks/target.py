@@ -18,7 +18,9 @@ def load_model(path, name='cnn', spec=MNIST_SPEC, device='cpu'):
     state = load_torch(path, 'model checkpoint')
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f'model checkpoint {path}: not a state dict of tensors')
-    recorded = (getattr(state, '_metadata', None) or {}).get('', {}).get('model')
+    meta = getattr(state, '_metadata', None)
+    root = meta.get('') if isinstance(meta, dict) else None
+    recorded = root.get('model') if isinstance(root, dict) else None  # a malformed entry names nothing
     if recorded is not None and recorded != name:
         raise UserError(f'model checkpoint {path} holds a {recorded}, but its training history names the {name}')
     model = create_model(name, spec)
