@@ -64,8 +64,9 @@ def load_history(path):
             raise bad(f'config.{key}', f'present ({what})')
         if not ok(cfg[key]):
             raise bad(f'config.{key}', f'{what}, not {cfg[key]!r}'[:200])
-    if cfg.get('model', 'cnn') not in MODELS:  # runs from before the registry trained the cnn
-        raise bad('config.model', f"one of {', '.join(MODELS)}, not {cfg['model']!r}"[:200])
+    model = cfg.get('model', 'cnn')  # runs from before the registry trained the cnn
+    if not (isinstance(model, str) and model in MODELS):
+        raise bad('config.model', f"one of {', '.join(MODELS)}, not {model!r}"[:200])
     acc = history.get('final_test_accuracy')
     if not (_is_number(acc) and 0 <= acc <= 1):
         raise bad('final_test_accuracy', 'a number in [0, 1]')

@@ -169,6 +169,8 @@ def history_problem(h):
         return 'config.learning_rate is not a finite number > 0'
     if not _int(cfg.get('seed')):
         return 'config.seed is not an integer'
+    if cfg.get('model', 'cnn') not in ('cnn', 'mlp', 'lenet'):  # absent: a run from before the registry
+        return 'config.model is not a model of the registry'
     part = h.get('partition')
     indices = part.get('indices') if isinstance(part, dict) else None
     if not isinstance(indices, list) or len(indices) != cfg['num_clients']:
