@@ -39,6 +39,15 @@ def timed(label, fn, profile):
     return seconds
 
 
+def timings(metrics, prefix=''):
+    """Every '...seconds' number in metrics.json, named by its path (where an attack's time went)."""
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            yield from timings(value, f'{prefix}{key}.')
+        elif key.endswith('seconds') and isinstance(value, (int, float)):
+            yield prefix + key, value
+
+
 def first_run(args, tmp):
     """One first run from empty caches: (seconds per stage, total, metrics)."""
     cfg = config.resolve(args.config, {'data_dir': args.data_dir, 'dataset': args.dataset,
@@ -50,6 +59,12 @@ def first_run(args, tmp):
          '--cache-dir', os.path.join(tmp, 'cache')]), args.profile)
     with open(os.path.join(out, 'metrics.json')) as f:
         m = json.load(f)
+    with open(os.path.join(tmp, 'run', 'training_history.json')) as f:
+        rounds = [r['seconds'] for r in json.load(f)['rounds']]
+    print(f'  training rounds: {sum(rounds):.1f} s in all (first {rounds[0]:.1f} s, then median '
+          f'{np.median(rounds[1:] or rounds):.2f} s); outside the rounds (data, set-up, results) '
+          f'{train_s - sum(rounds):.1f} s')
+    print('  inside the attacks: ' + ', '.join(f'{k} {v:.1f} s' for k, v in timings(m)), flush=True)
     stages = {'training': train_s, 'attacks': attack_s,
               **{key: m[key]['seconds'] for key in ('gradient_inversion', 'model_inversion', 'gan_inversion')}}
     return stages, train_s + attack_s, m

@@ -26,14 +26,14 @@ import torch.nn.functional as F
 
 from src.defenses import defend_update
 from src.data import MNIST_SPEC
-from src.utils import derive_seed
+from src.utils import autocast, derive_seed
 
 TRAINERS = ('auto', 'sequential', 'batched')
 PARAMS = ('conv1.weight', 'conv1.bias', 'conv2.weight', 'conv2.bias', 'fc1.weight', 'fc1.bias',
           'fc2.weight', 'fc2.bias')  # src.model.CNN's parameters, which batched_logits computes with
-# Issue 16's H200 probe: channels_last was faster at K = 10 (608k vs 581k samples/s) and K = 20
-# (709k vs 618k), about even at K = 5 (440k vs 461k); on CPU it is what makes conv2 match the
-# sequential trainer bit for bit. benchmarks/bench_batched.py measures both on CUDA.
+# On an H200 (benchmarks/bench_batched.py, 2026-11-26) channels_last was about even with the default
+# layout (430k vs 443k samples/s at K = 5, 542k vs 532k at K = 10, 564k vs 557k at K = 20); on CPU it is
+# what makes conv2 match the sequential trainer bit for bit, so it stays on.
 CHANNELS_LAST = True
 CUDA_GRAPH = True  # capture the step on CUDA (benchmarks/bench_batched.py turns it off to time the eager step)
 # On CPU, oneDNN runs a grouped convolution with one input channel per group (conv1) in another
@@ -116,10 +116,11 @@ class StackedClients:
         flat = [t for pair in client_data for t in pair]
         return key == self.key and len(flat) == len(self.sources) and all(a is b for a, b in zip(flat, self.sources))
 
-    def load(self, global_state):
+    def load(self, states):
+        """Client c starts from states[c]."""
         with torch.no_grad():
             for name, w in self.weights.items():
-                w.copy_(global_state[name].unsqueeze(0).expand_as(w))
+                w.copy_(torch.stack([s[name] for s in states]))
 
     def state(self, c, like):
         """Client c's weights as a state dict laid out like `like` (the global state)."""
@@ -137,7 +138,7 @@ class StackedClients:
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = self.data_y[self.index.t()]  # (K, B)
-        with precision_context(x.device, self.precision):
+        with autocast(x.device, self.precision, cache_enabled=False):  # the cache and CUDA graphs do not mix
             logits = batched_logits(self.weights, x, self.keep, self.dropout, self.channels_last,
                                     self.per_client_conv1)
             # each client's mean cross-entropy over its real rows, as F.cross_entropy(reduction='mean') on them
@@ -147,13 +148,6 @@ class StackedClients:
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():  # plain SGD, as torch.optim.SGD does it: w += -lr * grad
             torch._foreach_add_(params, list(grads), alpha=-self.lr)
-
-
-def precision_context(device, precision):
-    if precision != 'bf16':
-        return contextlib.nullcontext()
-    # autocast's weight cache would hold tensors from before a CUDA graph's capture: keep it off
-    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
 
 
 def capture(step):
@@ -217,18 +211,34 @@ def batched_round(cfg, global_state, client_data, r, precision, dp_history, drop
                   spec=MNIST_SPEC):
     """Round r for every client at once; returns what src.federated.train_round returns,
     [(state the client sends, num_samples, its DP history)], in client order."""
-    seed, batch_size = cfg['seed'], cfg['batch_size']
+    seed, device, clients = cfg['seed'], client_data[0][0].device, range(len(client_data))
+    shuffles = [torch.Generator().manual_seed(derive_seed(seed, 'shuffle', r, c)) for c in clients]
+    masks = [torch.Generator(device).manual_seed(derive_seed(seed, 'dropout', r, c)) for c in clients]
+    states = train_stacked(client_data, [global_state] * len(clients), cfg['local_epochs'], cfg['batch_size'],
+                           cfg['learning_rate'], dropout, precision, shuffles, masks, progress, spec)
+    results = []
+    for c, (state, (_, y)) in enumerate(zip(states, client_data)):
+        if cfg['update_clip'] > 0 or cfg['keep_fraction'] < 1:  # as src.federated.local_update defends
+            noise = torch.Generator().manual_seed(derive_seed(seed, 'update_noise', r, c))
+            sent = defend_update({k: state[k] - global_state[k] for k in state}, cfg, noise)
+            state = {k: global_state[k] + sent[k] for k in state}
+        results.append((state, len(y), dp_history[c]))
+    return results
+
+
+def train_stacked(client_data, start_states, epochs, batch_size, lr, dropout, precision, shuffles, masks,
+                  progress=None, spec=MNIST_SPEC):
+    """Each client c trains from start_states[c] on client_data[c] = (x, y), exactly as src.client.client_update
+    does with shuffle generator shuffles[c] and its Dropout drawing from masks[c]; all clients as one
+    computation. Returns their final states (laid out like start_states[0]), in client order."""
     device = client_data[0][0].device
     sizes = [len(y) for _, y in client_data]
-    shuffles = [torch.Generator().manual_seed(derive_seed(seed, 'shuffle', r, c)) for c in range(len(sizes))]
-    masks = [torch.Generator(device).manual_seed(derive_seed(seed, 'dropout', r, c)) for c in range(len(sizes))]
-    index, weight, rows = round_plan(sizes, cfg['local_epochs'], batch_size, shuffles)
+    index, weight, rows = round_plan(sizes, epochs, batch_size, shuffles)
     index, weight = index.to(device), weight.to(device)
     # a CUDA graph is captured and replayed on the current device's streams: make that the data's device
     with torch.cuda.device(device) if device.type == 'cuda' else contextlib.nullcontext():
-        clients = stacked_clients(client_data, global_state, batch_size, cfg['learning_rate'], dropout, precision,
-                                  spec)
-        clients.load(global_state)
+        clients = stacked_clients(client_data, start_states[0], batch_size, lr, dropout, precision, spec)
+        clients.load(start_states)
         hidden = clients.keep.shape[-1]
         for t, step_rows in enumerate(rows.tolist()):
             clients.index.copy_(index[t])
@@ -240,12 +250,4 @@ def batched_round(cfg, global_state, client_data, r, precision, dp_history, drop
             clients.step()
             if progress is not None:
                 progress.update(sum(step_rows))
-    results = []
-    for c, n in enumerate(sizes):
-        state = clients.state(c, global_state)
-        if cfg['update_clip'] > 0 or cfg['keep_fraction'] < 1:  # as src.federated.local_update defends
-            noise = torch.Generator().manual_seed(derive_seed(seed, 'update_noise', r, c))
-            sent = defend_update({k: state[k] - global_state[k] for k in state}, cfg, noise)
-            state = {k: global_state[k] + sent[k] for k in state}
-        results.append((state, n, dp_history[c]))
-    return results
+    return [clients.state(c, start_states[0]) for c in range(len(sizes))]

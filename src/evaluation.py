@@ -204,7 +204,8 @@ def train_eval_classifier(dataset, seed, device, epochs, precision='auto', kind=
                 optimizer.step()
                 schedule.step()
                 bar.update(len(idx))
-                bar.set_postfix(loss=f'{loss.item():.3f}', refresh=False)
+                if start % (100 * hp['batch_size']) == 0:  # reading the loss waits for the device: not every step
+                    bar.set_postfix(loss=f'{loss.item():.3f}', refresh=False)
     return model.eval(), precision
 
 

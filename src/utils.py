@@ -277,10 +277,10 @@ def resolve_precision(name, device):
     return name
 
 
-def autocast(device, precision):
-    """bf16 autocast for precision 'bf16', else nothing (fp32)."""
+def autocast(device, precision, cache_enabled=True):
+    """bf16 autocast for precision 'bf16', else nothing (fp32). A CUDA graph's capture needs cache_enabled=False."""
     if precision == 'bf16':
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return contextlib.nullcontext()
 
 

@@ -123,3 +123,20 @@ def test_non_members_are_withheld_from_the_attacker(tmp_path, monkeypatch):
     public = {tuple(r.flatten()[:8].tolist()) for r in seen['public']}
     candidates = {tuple(r.flatten()[:8].tolist()) for r in seen['candidates']}
     assert len(seen['public']) == 240 - 100 and not public & candidates
+
+
+def test_shadows_trained_as_one_computation_equal_one_by_one(monkeypatch):
+    """The CUDA path for shadow models (all of them as one batched computation, src.batched_training) trains
+    each exactly as client_update does: same subsets, shuffling and dropout masks. Forced on the CPU in fp32."""
+    monkeypatch.setattr(mia, 'resolve_precision', lambda *a: 'fp32')
+    g = torch.Generator().manual_seed(0)
+    pool_x, pool_y = torch.rand(300, 1, 28, 28, generator=g), torch.randint(0, 10, (300,), generator=g)
+    recipe = (2, 32, 0.05)  # passes, batch size (ragged last batches of 10 rows), learning rate
+    one_by_one = mia.train_models(pool_x, pool_y, 3, 90, recipe, 7, torch.device('cpu'))
+    batched = mia.train_models(pool_x, pool_y, 3, 90, recipe, 7, torch.device('cpu'), batched=True)
+    start = CNN().state_dict()
+    for s, b in zip(one_by_one, batched):
+        for k in s:
+            torch.testing.assert_close(b[k], s[k], rtol=0, atol=1e-6)
+        assert (s['fc2.weight'] - start['fc2.weight']).abs().max() > 1e-2  # they trained: far above the tolerance
+    assert (one_by_one[0]['fc2.weight'] - one_by_one[1]['fc2.weight']).abs().max() > 1e-2  # different shadows

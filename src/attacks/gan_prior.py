@@ -57,35 +57,38 @@ class Discriminator(nn.Module):
 
 
 def train_gan(images, seed, steps, batch_size=64, lr=2e-4, precision='fp32', device='cpu', progress=True,
-              log_every=100):
+              log_every=100, graph=None):
     """DCGAN (non-saturating loss, Adam(0.5, 0.999)) on uint8 images (N, H, W) or (N, C, H, W) for `steps` batches,
     reshuffling every pass. A step budget (not epochs) keeps training time the same for any public-set size.
 
     Returns (G, D, history): mean losses and D accuracies over each `log_every` steps. channels_last + bf16
-    autocast train ~2x faster than fp32 on AMX CPUs (benchmarks/bench_gan_inversion.py measures it).
+    autocast train ~2x faster than fp32 on AMX CPUs (benchmarks/bench_gan_inversion.py measures it). On CUDA
+    (graph=None means there) the whole step -- both forward passes, both backward passes, both Adam steps --
+    is captured once in a CUDA graph and replayed: a step of batch 64 is a few microseconds of arithmetic per
+    kernel, so an eager GPU step mostly waits for launches. The batches and latents are drawn on the CPU in
+    the same order either way, so both paths train on the same data.
     """
     device = torch.device(device)
+    graph = device.type == 'cuda' if graph is None else graph
     torch.manual_seed(derive_seed(seed, 'gmi', 'init'))
     shape = image_shape(images)
     G = Generator(shape=shape).to(device, memory_format=torch.channels_last).train()
     D = Discriminator(shape).to(device, memory_format=torch.channels_last).train()
-    opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.999))
-    opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.5, 0.999))
+    capturable = device.type == 'cuda'  # Adam's step count on the device: no host sync, and capturable
+    opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.999), capturable=capturable)
+    opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.5, 0.999), capturable=capturable)
     x = to_tensor(images, device).contiguous(memory_format=torch.channels_last)
     n = len(x)
     if n < 2:
         raise UserError(f'the GAN public data has {n} images: need at least 2')
     batch_size = min(batch_size, n)
-    gen = torch.Generator().manual_seed(derive_seed(seed, 'gmi', 'data'))
-    history = {'step': [], 'd_loss': [], 'g_loss': [], 'd_real_accuracy': [], 'd_fake_accuracy': []}
-    sums, count, order, pos = np.zeros(4), 0, None, n
-    for step in tqdm(range(1, steps + 1), desc='training GAN prior', unit='step', disable=not progress, leave=False):
-        if pos + batch_size > n:  # new pass; drop the ragged tail (batch norm wants full batches)
-            order, pos = torch.randperm(n, generator=gen).to(device), 0
-        real = x[order[pos:pos + batch_size]]
-        pos += batch_size
-        z = torch.randn(batch_size, Z_DIM, generator=gen).to(device)
-        with autocast(device, precision):
+    index = torch.zeros(batch_size, dtype=torch.long, device=device)  # the step's inputs: fixed buffers,
+    z = torch.zeros(batch_size, Z_DIM, device=device)                  # as a CUDA graph's replay reads them
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # summed on the device: no sync per step
+
+    def step():
+        real = x[index]
+        with autocast(device, precision, cache_enabled=False):  # autocast's cache and CUDA graphs do not mix
             fake = G(z)
             # real and fake in one pass: D has no batch norm, so this is exactly the two separate passes
             d_real, d_fake = D(torch.cat([real, fake.detach()])).float().split(batch_size)
@@ -95,20 +98,65 @@ def train_gan(images, seed, steps, batch_size=64, lr=2e-4, precision='fp32', dev
         d_loss.backward()
         opt_d.step()
         D.requires_grad_(False)  # the generator's step needs gradients through D, not for its weights
-        with autocast(device, precision):
+        with autocast(device, precision, cache_enabled=False):
             g_loss = F.softplus(-D(fake).float()).mean()  # non-saturating generator loss
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
         D.requires_grad_(True)
-        sums += [d_loss.item(), g_loss.item(), (d_real > 0).float().mean().item(), (d_fake < 0).float().mean().item()]
+        sums.add_(torch.stack([d_loss.detach(), g_loss.detach(), (d_real > 0).float().mean(),
+                               (d_fake < 0).float().mean()]).double())
+
+    run = capture_gan_step(step, [G, D], [opt_g, opt_d], sums) if graph and steps > 0 else step
+    gen = torch.Generator().manual_seed(derive_seed(seed, 'gmi', 'data'))
+    history = {'step': [], 'd_loss': [], 'g_loss': [], 'd_real_accuracy': [], 'd_fake_accuracy': []}
+    count, order, pos = 0, None, n
+    for s in tqdm(range(1, steps + 1), desc='training GAN prior', unit='step', disable=not progress, leave=False):
+        if pos + batch_size > n:  # new pass; drop the ragged tail (batch norm wants full batches)
+            order, pos = torch.randperm(n, generator=gen).to(device), 0
+        index.copy_(order[pos:pos + batch_size])
+        pos += batch_size
+        z.copy_(torch.randn(batch_size, Z_DIM, generator=gen), non_blocking=True)
+        run()
         count += 1
-        if step % log_every == 0 or step == steps:
-            history['step'].append(step)
-            for key, value in zip(list(history)[1:], sums / count):
-                history[key].append(float(value))
-            sums, count = np.zeros(4), 0
+        if s % log_every == 0 or s == steps:
+            history['step'].append(s)
+            for key, value in zip(list(history)[1:], (sums / count).tolist()):
+                history[key].append(value)
+            sums.zero_()
+            count = 0
     return G.eval(), D.eval(), history
+
+
+def capture_gan_step(step, modules, optimizers, sums):
+    """`step` captured in a CUDA graph. Capturing needs warm-up steps first (they pick the kernels and create
+    Adam's state); they are undone in place -- the graph keeps these tensors' addresses -- so training starts
+    from the same weights, batch-norm statistics and empty Adam state (zeros) as the eager path."""
+    saved = [t.clone() for m in modules for t in m.state_dict().values()]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    restart(modules, optimizers, saved)
+    sums.zero_()
+    return graph.replay
+
+
+@torch.no_grad()
+def restart(modules, optimizers, saved):
+    """Undo training in place: the modules' weights and buffers back to `saved` (their state_dict values, in
+    order), Adam's state to zeros, which is what its first step starts from."""
+    for t, old in zip([t for m in modules for t in m.state_dict().values()], saved):
+        t.copy_(old)
+    for opt in optimizers:
+        for state in opt.state.values():
+            for v in state.values():
+                v.zero_()
 
 
 def gan_cache_key(images, seed, steps, batch_size, lr, precision):

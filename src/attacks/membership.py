@@ -42,8 +42,9 @@ from scipy import stats
 from torch.func import functional_call, grad, vmap
 
 from src.attacks.base import Attack, Observation, Report
+from src.batched_training import train_stacked
 from src.client import client_update
-from src.model import CNN, create_model, seed_dropout
+from src.model import CNN, create_model, dropouts, seed_dropout
 from src.plots import save_roc_curves
 from src.utils import UserError, derive_seed, map_in_threads, resolve_precision
 
@@ -77,9 +78,11 @@ def training_recipe(cfg):
     return cfg['num_rounds'] * cfg['local_epochs'], cfg['batch_size'], cfg['learning_rate']
 
 
-def train_models(pool_x, pool_y, count, size, recipe, seed, device, global_state=None, make=CNN):
+def train_models(pool_x, pool_y, count, size, recipe, seed, device, global_state=None, make=CNN, batched=None):
     """`count` models of the target's architecture (make() builds one), each trained by client_update on its
-    own random `size` images of the pool, in parallel on the CPU's cores (one intra-op thread each, as clients train), from `global_state` or a seeded init."""
+    own random `size` images of the pool, from `global_state` or a seeded init: in parallel on the CPU's cores
+    (one intra-op thread each, as clients train), or the CNN's all as one computation by src.batched_training,
+    with the same shuffling and dropout masks: batched=None picks that on CUDA, as the trainer 'auto' does."""
     epochs, batch_size, lr = recipe
     precision = resolve_precision('auto', device)
     models, jobs = [], []
@@ -94,6 +97,11 @@ def train_models(pool_x, pool_y, count, size, recipe, seed, device, global_state
             idx = torch.randperm(len(pool_y), generator=order)[:size].to(device)
             models.append(model)
             jobs.append((model, pool_x[idx], pool_y[idx], order))
+
+    if (device.type == 'cuda' if batched is None else batched) and isinstance(models[0], CNN):
+        return train_stacked([(x, y) for _, x, y, _ in jobs], [m.state_dict() for m in models], epochs, batch_size,
+                             lr, dropouts(models[0])[0].p, precision, [order for *_, order in jobs],
+                             [dropouts(m)[0].generator for m in models], spec=models[0].spec)
 
     def one(job):
         model, x, y, order = job
