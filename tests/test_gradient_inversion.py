@@ -160,21 +160,34 @@ def test_label_counts_for_batches():
     assert label_count_accuracy(y, labels[0], 4) == 1.0
 
 
-def test_batch_fc1_inputs_and_labels_separate_exactly():
-    # B=2 under an unknown dropout mask: units active for one image only give its fc1 input exactly
+@pytest.mark.parametrize('B,dropout', [(2, True), (8, True), (8, False), (16, True)])
+def test_batch_fc1_inputs_and_labels_separate_exactly(B, dropout):
+    """A planted batch on a small random model: every image's fc1 input and its label come back exactly from
+    the batch's gradient (the sparse factorisation, SPEAR), dropout mask unknown or off."""
     torch.manual_seed(0)
     model = CNN()
-    x, y = tiny_batch(2)
-    grads = clients.client_gradients(model, x, y, 2, dropout=True, seed=3)
-    parts = closed_form.separate_fc_inputs(grads['fc1.weight'][0], grads['fc1.bias'][0], 2)
+    x, y = tiny_batch(B)
+    grads = clients.client_gradients(model, x, y, B, dropout=dropout, seed=3)
+    parts = closed_form.separate_batch(grads['fc1.weight'][0], grads['fc1.bias'][0], B)
     assert parts is not None
-    a2, d = parts
+    a2, d, ok = parts
+    assert ok.all()
     with torch.no_grad():
         true = model.features(x)
     order = (a2[:, None] - true[None]).norm(dim=2).argmin(1)
-    assert sorted(order.tolist()) == [0, 1]
+    assert sorted(order.tolist()) == list(range(B))
     torch.testing.assert_close(a2, true[order], atol=1e-5, rtol=1e-4)
     assert torch.equal(closed_form.labels_from_fc1_output_grads(model, d), y[order])
+
+
+def test_a_batch_of_one_image_repeated_does_not_separate():
+    """Built to be unrecoverable as a batch: the same image four times is one rank-1 gradient, not four images;
+    the separation says so instead of passing anything off (the attack then falls back to the cosine search)."""
+    torch.manual_seed(0)
+    model = CNN()
+    x, y = tiny_batch(1)
+    grads = clients.client_gradients(model, x.repeat(4, 1, 1, 1), y.repeat(4), 4, dropout=False, seed=3)
+    assert closed_form.separate_batch(grads['fc1.weight'][0], grads['fc1.bias'][0], 4) is None
 
 
 # ----------------------------------------------------------------------------- the searches

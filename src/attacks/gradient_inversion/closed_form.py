@@ -1,5 +1,8 @@
 """What a fully connected layer's gradient gives away exactly: its input (one image), each image's
-input and output gradient (batches whose units separate them), and from those the labels."""
+input and output gradient (batches whose gradient at the layer's output is sparse enough), and from
+those the labels."""
+import math
+
 import torch
 
 
@@ -12,58 +15,163 @@ def recover_fc_input(weight_grad, bias_grad):
     return torch.einsum('no,noi->ni', bias_grad, weight_grad) / bias_grad.pow(2).sum(1, keepdim=True).clamp_min(1e-30)
 
 
-def separate_fc_inputs(weight_grad, bias_grad, batch_size, tol=1e-3, nonnegative=True):
-    """Each image's fc1 input from one batch gradient, or None if the gradient does not give them all.
+def separate_batch(weight_grad, bias_grad, batch_size, nonnegative=True, seed=0, max_samples=2_000_000,
+                   patience=400_000, chunk=20_000, settle=3):
+    """Each image's fc1 input and output gradient from one batch gradient, after SPEAR (Dimitrov et al. 2024);
+    None where it does not work out.
 
-    dL/dW_fc1 = (1/B) sum_b d_b a2_b^T: row i is a mix of the images whose fc1 unit i is active
-    (ReLU, and dropout when on). A unit active for one image only gives that image's a2 exactly
-    (row / bias gradient), and such rows repeat for every unit exclusive to that image. Candidates
-    are the row ratios, grouped when equal, kept if non-negative where the layer's input is (after ReLU and
-    max-pool, as the CNN's a2),
-    most repeated first, each added if outside the span of those kept. Success when B of them
-    explain the whole weight gradient (relative residual < tol). Returns (a2 (B, in), d (B, out)).
+    dL/dW = D X^T with D (out, B) the images' gradients at fc1's output and X (in, B) their inputs. Its rank-B
+    factorisation U R (SVD) equals it up to an unknown invertible Q: D = U Q, X^T = Q^-1 R. D is sparse --
+    a unit is 0 for every image it is inactive for (ReLU) or dropped (dropout) -- so each column q of Q makes
+    U q vanish on many rows. Pick B-1 rows at random (batched linear solves, `chunk` picks at a time): if
+    they are all zeros of one image's column, their null vector is that column's q, and U q vanishes on all
+    of that column's zeros (told from non-zeros by a gap of 100x: see vanishing). A mixture of two columns
+    vanishes on the zeros both share, plus a row where they cancel: fewer than either, and in the span of
+    two columns once those are known, so such candidates are dropped, and the batch's columns are the B
+    independent candidates that vanish on the most rows, once they stay the same for `settle` chunks. The
+    scales come from the bias gradient, dL/db = D 1 = U Q s (least squares). Returns (X^T (B, in),
+    B * D^T (B, out), ok (B,)) in no particular order; ok is False for an image whose input came out negative
+    somewhere (after a ReLU it cannot be) and for one left out (zeros; see below). The picks are seeded
+    (`seed`): which images separate does not depend on anything attacked before. The chance that B-1 picks are
+    all zeros of one column falls like (zero fraction)^(B-1): with ~75 % zeros (ReLU and dropout unknown, the
+    trained CNN) it works to B = 16-24; with dropout off (~50 % zeros) to B = 8; not at B = 32
+    (benchmarks/bench_leakage_map.py).
     """
-    ok = bias_grad.abs() > 1e-6 * bias_grad.abs().max()
-    rows = weight_grad[ok] / bias_grad[ok, None]
-    norms = rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    close = ((rows[:, None] - rows[None]).norm(dim=2) / norms) < tol  # (k, k)
-    groups, seen = [], torch.zeros(len(rows), dtype=torch.bool)
-    for i in range(len(rows)):
-        if not seen[i]:
-            members = close[i] & ~seen
-            seen |= members
-            groups.append((int(members.sum()), rows[members].mean(0)))
-    groups.sort(key=lambda g: -g[0])
-    chosen = []
-    for _, cand in groups:
-        if nonnegative and cand.min() < -tol * cand.abs().max():
-            continue
-        if chosen:
-            A = torch.stack(chosen)
-            coef = torch.linalg.lstsq(A.T, cand[:, None]).solution
-            if (A.T @ coef - cand[:, None]).norm() < tol * cand.norm():
+    Wg, bg = weight_grad.double(), bias_grad.double()
+    U, S, Vh = torch.linalg.svd(Wg, full_matrices=False)
+    if batch_size > min(Wg.shape) or S[batch_size - 1] <= 1e-6 * S[0]:
+        return None  # fewer than B independent images (a repeated image, say): not separable this way
+    # An image the model is very sure of has a gradient ~1e-5 of the others': its column sits near rounding
+    # level and comes out wrong, and so would every image with it. Then the batch is taken as the B - 1
+    # (then B - 2) images above it, and the one left out is not recovered.
+    generator = torch.Generator().manual_seed(seed)
+    for B in range(batch_size, max(batch_size - 3, 1), -1):
+        out = _separate_rank(U[:, :B], S[:B, None] * Vh[:B], Wg, bg, generator, nonnegative, max_samples, patience,
+                             chunk, settle)
+        if out is not None:
+            Xt, D, ok = out
+            missing = batch_size - B
+            return (torch.cat([Xt, Xt.new_zeros(missing, Xt.shape[1])]).to(weight_grad.dtype),
+                    torch.cat([D.T * batch_size, D.new_zeros(missing, D.shape[0])]).to(weight_grad.dtype),
+                    torch.cat([ok, ok.new_zeros(missing)]))
+    return None
+
+
+def _separate_rank(L, R, Wg, bg, generator, nonnegative, max_samples, patience, chunk, settle):
+    """separate_batch for B = L.shape[1] images with Wg ~ L R: (X^T (B, in), D (out, B), ok (B,)) or None."""
+    B = L.shape[1]
+    live = (L.norm(dim=1) > 1e-9).nonzero().flatten()  # units some image moves; the rest say nothing
+    if len(live) < B + 2:
+        return None
+    Ll = L[live]
+    row_norm = Ll.norm(dim=1)
+    pool, pool_zeros, tried, since_new = [], [], 0, 0  # distinct candidate columns and how many zeros each has
+    chosen, same_for = [], 0  # the B most vanishing independent candidates, and for how many chunks so far
+    while tried < max_samples and since_new < patience and same_for < settle:
+        pick = torch.rand(chunk, len(live), generator=generator).argsort(1)[:, :B - 1]
+        A = Ll[pick.to(L.device)]  # (chunk, B-1, B)
+        # the null vector q = (q', 1) of each B-1 rows: A[:, :, :-1] q' = -A[:, :, -1]
+        sol, info = torch.linalg.solve_ex(A[..., :-1], -A[..., -1])
+        q = torch.cat([sol, torch.ones_like(sol[:, :1])], 1)
+        q = q[(info == 0) & q.isfinite().all(1)]
+        q = q / q.norm(dim=1, keepdim=True)
+        zeros = vanishing((q @ Ll.T).abs() / row_norm, B - 1).sum(1)
+        keep = zeros >= B + 2  # more than the B-1 rows each was solved on
+        if pool and keep.any():  # columns already found come up again and again (a raw solve is less exact),
+            keep[keep.clone()] = (q[keep] @ torch.stack(pool).T).abs().amax(1) < 1 - 1e-4  # and so do
+            keep[keep.clone()] = ~_mixture_of_two(q[keep], pool, pool_zeros, zeros[keep])  # their mixtures
+        q = q[keep][zeros[keep].argsort(descending=True)]
+        tried, since_new = tried + chunk, since_new + chunk
+        for _ in range(4 * B):  # the most vanishing distinct candidates of this chunk
+            if not len(q):
+                break
+            c = first = q[0]
+            for _ in range(2):  # the null vector of all the rows it vanishes on is the better estimate
+                zero = vanishing(((Ll @ c).abs() / row_norm)[None], B - 1)[0]
+                if zero.sum() < B + 2:
+                    break
+                _, sv, vh = torch.linalg.svd(Ll[zero], full_matrices=False)
+                c = vh[-1]
+            q = q[((q @ c).abs() < 1 - 1e-4) & ((q @ first).abs() < 1 - 1e-4)]
+            if zero.sum() < B + 2 or sv[-2] < 10 * sv[-1]:
+                continue  # the rows have no null vector, or several
+            same = [i for i, p in enumerate(pool) if (p @ c).abs() > 1 - 1e-6]
+            if same:  # seen before: keep the estimate that vanishes on more rows
+                if int(zero.sum()) > pool_zeros[same[0]]:
+                    pool[same[0]], pool_zeros[same[0]] = c, int(zero.sum())
                 continue
-        chosen.append(cand)
-        if len(chosen) == batch_size:
-            break
-    if len(chosen) < batch_size:
+            pool.append(c)
+            pool_zeros.append(int(zero.sum()))
+            since_new = 0
+        before, chosen = chosen, _most_vanishing(pool, pool_zeros, B)
+        same_for = same_for + 1 if len(chosen) == B and chosen == before else 0
+    if len(chosen) < B:
         return None
-    A = torch.stack(chosen)  # (B, in)
-    Dt = torch.linalg.lstsq(A.T, weight_grad.T).solution  # dW^T = A^T (D^T/B)^T  ->  (B, out) = d_b / B
-    if (A.T @ Dt - weight_grad.T).norm() > tol * weight_grad.norm():
+    Q = torch.stack([pool[i] for i in chosen], 1)  # (B, B)
+    D = L @ Q
+    s = torch.linalg.lstsq(D, bg[:, None]).solution[:, 0]  # dL/db = sum of the columns, each at its scale
+    Xt = torch.linalg.solve(Q, R) / s[:, None]  # (B, in)
+    D = D * s
+    if (D @ Xt - Wg).norm() > 1e-3 * Wg.norm() or (D.sum(1) - bg).norm() > 1e-3 * bg.norm():
         return None
-    return A, Dt * batch_size
+    # an image whose column came out wrong is flagged (fc1's input is never negative after a ReLU)
+    ok = Xt.isfinite().all(1) & (Xt.amin(1) >= -1e-3 * Xt.abs().amax(1) if nonnegative else True)
+    return Xt, D, ok
 
 
-def labels_from_fc1_output_grads(model, d):
+def _most_vanishing(pool, pool_zeros, B):
+    """Indices of the (up to) B candidates that vanish on the most rows and are independent (rtol 1e-3 also
+    keeps two estimates of one column from both being taken)."""
+    chosen = []
+    for i in sorted(range(len(pool)), key=lambda i: -pool_zeros[i]):
+        if torch.linalg.matrix_rank(torch.stack([pool[j] for j in chosen + [i]]), rtol=1e-3) > len(chosen):
+            chosen.append(i)
+            if len(chosen) == B:
+                break
+    return chosen
+
+
+def _mixture_of_two(q, pool, pool_zeros, zeros):
+    """Which candidates q (n, B) lie in the span of two candidates of the pool and vanish on no more rows than
+    the fewer of those two (+1): mixtures of two columns, which keep coming up once two columns are known."""
+    if len(pool) < 2 or not len(q):
+        return torch.zeros(len(q), dtype=torch.bool, device=q.device)
+    order = sorted(range(len(pool)), key=lambda i: -pool_zeros[i])[:2 * q.shape[1]]  # the likeliest columns
+    pairs = torch.tensor([(i, j) for a, i in enumerate(order) for j in order[a + 1:]], device=q.device)
+    basis = torch.linalg.qr(torch.stack(pool)[pairs].transpose(1, 2)).Q  # (pairs, B, 2)
+    inside = 1 - torch.einsum('nb,pbk->npk', q, basis).pow(2).sum(2) < 1e-8  # (n, pairs)
+    fewer = torch.tensor(pool_zeros, device=q.device)[pairs].amin(1) + 1  # (pairs,)
+    return (inside & (zeros[:, None] <= fewer[None])).any(1)
+
+
+def vanishing(values, at_least, gap=100.0):
+    """Which of each row's non-negative `values` (n, m) are zeros: those below the widest gap (at least `gap`
+    times) in the row's sorted values that has more than `at_least` of them below it; none where there is no
+    such gap.
+    A column's exact zeros are rounding noise, whose level depends on how small the image's gradient is
+    next to the batch's others (1e-8 to 1e-5 of the row on a trained model), and its non-zeros are far above."""
+    ordered = values.sort(1).values.clamp_min(1e-300).log10()
+    steps = ordered[:, 1:] - ordered[:, :-1]  # step after each position, in decades
+    steps[:, :at_least] = 0  # at least at_least + 1 below: the rows a candidate was solved on are exact zeros
+    widest, at = steps.max(1)
+    below = ordered.gather(1, at[:, None])[:, 0]
+    limit = torch.where(widest >= math.log10(gap), below, torch.full_like(widest, -1e300))
+    return values.clamp_min(1e-300).log10() <= limit[:, None]
+
+
+def labels_from_fc1_output_grads(model, d, ok=None):
     """Labels from each image's gradient at fc1's output, d (N, 128).
 
     Where unit i is active (and kept by dropout), d_i = c * (W_fc2^T (p - onehot(y)))_i with c = 1,
     or 1/(1-p) under dropout; elsewhere d_i = 0. Solving on the nonzero units gives p - onehot(y)
-    up to that positive scale, and its only negative entry is the label (as iDLG's).
+    up to that positive scale, and its only negative entry is the label (as iDLG's). -1 where not read:
+    ok[i] False (the image came out wrong) or d[i] all zero (left out).
     """
     out = []
-    for row in d:
+    for i, row in enumerate(d):
+        if (ok is not None and not ok[i]) or not row.any():
+            out.append(-1)  # not read: the image did not separate
+            continue
         active = row.abs() > 1e-6 * row.abs().max()
         e = torch.linalg.lstsq(model.fc2.weight[:, active].T, row[active, None]).solution[:, 0]
         out.append(int(e.argmin()))

@@ -6,8 +6,7 @@ from dataclasses import dataclass
 import torch
 
 import src.attacks.gradient_inversion.layers as layers
-from src.attacks.gradient_inversion.closed_form import (labels_from_fc1_output_grads, recover_fc_input,
-                                                        separate_fc_inputs)
+from src.attacks.gradient_inversion.closed_form import labels_from_fc1_output_grads, recover_fc_input, separate_batch
 from src.attacks.gradient_inversion.dlg import ITERATIONS, dlg_attack
 from src.attacks.gradient_inversion.labels import recover_labels
 from src.attacks.gradient_inversion.search import BATCH_STEPS, STEPS, conv_targets, cosine_search, feature_search
@@ -45,10 +44,10 @@ def invert_single_images(model, grads, steps, restarts, generator, prior_image=N
 def invert_batches(model, grads, batch_size, steps, restarts, generator, prior_image=None, progress=True):
     """Batches: separate each image's fc1 input where the gradient allows, then the feature search.
 
-    Batches whose fc1 gradient does not separate into batch_size images fall back to the cosine
-    search (Geiping et al.) with the label counts. Separated images get exact labels from their
-    own fc1 output gradient where the layer after fc1 is the output layer (the CNN); in other models
-    they keep the batch's label counts.
+    Batches whose fc1 gradient does not separate fall back to the cosine search (Geiping et al.) with
+    the label counts. Separated images get exact labels from their own fc1 output gradient where the
+    layer after fc1 is the output layer (the CNN); in other models, and for an image of a separated
+    batch that came out wrong or was left out (flagged failed), the batch's label counts.
     Returns (images, labels (n_batches*B,), failed (n_batches*B,), restarted (n_batches*B,),
     separated (n_batches,) bool).
     """
@@ -57,8 +56,8 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, prior_i
     n_batches = counts.shape[0]
     name, fc = layers.first_fc(model)
     nonnegative = layers.fc_input_is_nonnegative(model)
-    parts = [separate_fc_inputs(grads[name + '.weight'][i], grads[name + '.bias'][i], B, nonnegative=nonnegative)
-             for i in range(n_batches)]
+    parts = [separate_batch(grads[name + '.weight'][i], grads[name + '.bias'][i], B, nonnegative)
+             for i in range(n_batches)]  # exact for every image that separates (SPEAR: see closed_form)
     sep = torch.tensor([p is not None for p in parts])
     images = torch.zeros(n_batches * B, *model.spec.shape, device=counts.device)
     labels = counts.clone()
@@ -67,6 +66,7 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, prior_i
     if sep.any():
         a2 = torch.cat([p[0] for p in parts if p is not None])
         d = torch.cat([p[1] for p in parts if p is not None])
+        ok = torch.cat([p[2] for p in parts if p is not None]).cpu()
         keep = sep.nonzero().flatten()
         x = layers.pixels_from_fc_input(model, a2)
         if x is not None:  # the FC layer reads the pixels: each separated input is an image
@@ -76,9 +76,9 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, prior_i
             x, _, f, r = feature_search(model, a2, d @ fc.weight, targets, B, steps, restarts, generator,
                                         prior_image, progress)
         if layers.is_cnn(model):
-            labels[keep] = labels_from_fc1_output_grads(model, d).view(-1, B)
+            labels[keep] = fill_labels(labels_from_fc1_output_grads(model, d, ok).view(-1, B), counts[keep])
         idx = (keep[:, None] * B + torch.arange(B)).flatten()
-        images[idx], failed[idx], restarted[idx] = x, f.cpu(), r
+        images[idx], failed[idx], restarted[idx] = x, f.cpu() | ~ok, r
     if (~sep).any():
         rest = (~sep).nonzero().flatten()
         sub = {k: v[rest] for k, v in grads.items()}
@@ -86,6 +86,21 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, prior_i
         idx = (rest[:, None] * B + torch.arange(B)).flatten()
         images[idx], failed[idx], restarted[idx] = x, f.repeat_interleave(B).cpu(), r.repeat_interleave(B).cpu()
     return images, labels.reshape(-1), failed, restarted, sep
+
+
+def fill_labels(labels, counts):
+    """Each batch's labels (n, B), -1 where an image's label was not read: those take the classes the batch's
+    label counts still have, so a batch keeps its count-based multiset where its images did not separate."""
+    out = labels.clone()
+    for row, count in zip(out, counts):
+        left = list(count.tolist())
+        for c in row.tolist():
+            if c >= 0 and c in left:
+                left.remove(c)
+        unread = (row < 0).nonzero().flatten().tolist()
+        for i, c in zip(unread, left + [int(count[0])] * len(unread)):
+            row[i] = c
+    return out
 
 
 def invert(model, grads, method, batch_size, iterations=None, restarts=2, seed=0, progress=True, prior_image=None):
