@@ -29,10 +29,11 @@ from src.attacks.gradient_inversion.scoring import score_case  # noqa: E402
 from src.utils import UserError, save_json  # noqa: E402
 
 
-def greedy_separation(weight_grad, bias_grad, batch_size, nonnegative=True, tol=1e-3):
+def greedy_separation(weight_grad, bias_grad, batch_size, nonnegative=True, layer=None, tol=1e-3):
     """The baseline: the attack's separation before the sparse factorisation. A unit active for one image
     only gives that image's fc1 input (row / bias gradient); candidates are grouped, the most repeated
-    taken first, each if outside the span of those kept, until B explain the gradient (residual < tol)."""
+    taken first, each if outside the span of those kept, until B explain the gradient (residual < tol).
+    `layer` is taken as separate_batch takes it, and not used."""
     ok = bias_grad.abs() > 1e-6 * bias_grad.abs().max()
     rows = weight_grad[ok] / bias_grad[ok, None]
     norms = rows.norm(dim=1, keepdim=True).clamp_min(1e-30)

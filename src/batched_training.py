@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from src.defenses import defend_update
 from src.data import MNIST_SPEC
-from src.utils import autocast, derive_seed
+from src.utils import autocast, capture_cuda_graph, derive_seed
 
 TRAINERS = ('auto', 'sequential', 'batched')
 PARAMS = ('conv1.weight', 'conv1.bias', 'conv2.weight', 'conv2.bias', 'fc1.weight', 'fc1.bias',
@@ -110,7 +110,7 @@ class StackedClients:
         self.index = torch.zeros(batch_size, k, dtype=torch.long, device=device)
         self.weight = torch.zeros(k, batch_size, device=device)  # all 0 while warming up: no weight moves
         self.keep = torch.zeros(k, batch_size, global_state['fc1.weight'].shape[0], device=device)
-        self.graph = capture(self._step) if graph else None
+        self.graph = capture_cuda_graph(self._step) if graph else None
 
     def matches(self, client_data, key):
         flat = [t for pair in client_data for t in pair]
@@ -148,20 +148,6 @@ class StackedClients:
         grads = torch.autograd.grad(loss, params)
         with torch.no_grad():  # plain SGD, as torch.optim.SGD does it: w += -lr * grad
             torch._foreach_add_(params, list(grads), alpha=-self.lr)
-
-
-def capture(step):
-    """`step` captured in a CUDA graph, after warm-up runs on a side stream (as torch.cuda.graphs asks)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return graph
 
 
 _captured = [None]  # the latest StackedClients with a CUDA graph, reused while data and settings stay

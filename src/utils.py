@@ -284,6 +284,21 @@ def autocast(device, precision, cache_enabled=True):
     return contextlib.nullcontext()
 
 
+def capture_cuda_graph(step):
+    """`step` captured in a CUDA graph, after warm-up runs on a side stream (as torch.cuda.graphs asks); the
+    warm-up runs really run, so the caller undoes what they changed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph
+
+
 def map_in_threads(fn, items, workers):
     """[fn(item) for item in items] on `workers` threads, each doing its arithmetic in one intra-op thread:
     on a CPU, independent small models train faster side by side than one after another on all cores."""

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from src.data import image_shape, to_tensor
-from src.utils import UserError, autocast, derive_seed, load_cached, resolve_precision, save_torch, state_digest
+from src.utils import (UserError, autocast, capture_cuda_graph, derive_seed, load_cached, resolve_precision, save_torch,
+                       state_digest)
 
 Z_DIM = 100
 ARCH = 'dcgan28-v2'  # part of the cache key: change it when the networks change
@@ -133,15 +134,7 @@ def capture_gan_step(step, modules, optimizers, sums):
     Adam's state); they are undone in place -- the graph keeps these tensors' addresses -- so training starts
     from the same weights, batch-norm statistics and empty Adam state (zeros) as the eager path."""
     saved = [t.clone() for m in modules for t in m.state_dict().values()]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    graph = capture_cuda_graph(step)
     restart(modules, optimizers, saved)
     sums.zero_()
     return graph.replay

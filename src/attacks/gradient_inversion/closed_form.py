@@ -15,7 +15,7 @@ def recover_fc_input(weight_grad, bias_grad):
     return torch.einsum('no,noi->ni', bias_grad, weight_grad) / bias_grad.pow(2).sum(1, keepdim=True).clamp_min(1e-30)
 
 
-def separate_batch(weight_grad, bias_grad, batch_size, nonnegative=True, seed=0, max_samples=2_000_000,
+def separate_batch(weight_grad, bias_grad, batch_size, nonnegative=True, layer=None, seed=0, max_samples=2_000_000,
                    patience=400_000, chunk=20_000, settle=3):
     """Each image's fc1 input and output gradient from one batch gradient, after SPEAR (Dimitrov et al. 2024);
     None where it does not work out.
@@ -31,7 +31,8 @@ def separate_batch(weight_grad, bias_grad, batch_size, nonnegative=True, seed=0,
     independent candidates that vanish on the most rows, once they stay the same for `settle` chunks. The
     scales come from the bias gradient, dL/db = D 1 = U Q s (least squares). Returns (X^T (B, in),
     B * D^T (B, out), ok (B,)) in no particular order; ok is False for an image whose input came out negative
-    somewhere (after a ReLU it cannot be) and for one left out (zeros; see below). The picks are seeded
+    somewhere (after a ReLU it cannot be), or, given the layer's (weight, bias), that a unit passes gradient
+    to although its pre-activation is not positive, and for one left out (zeros; see below). The picks are seeded
     (`seed`): which images separate does not depend on anything attacked before. The chance that B-1 picks are
     all zeros of one column falls like (zero fraction)^(B-1): with ~75 % zeros (ReLU and dropout unknown, the
     trained CNN) it works to B = 16-24; with dropout off (~50 % zeros) to B = 8; not at B = 32
@@ -46,8 +47,8 @@ def separate_batch(weight_grad, bias_grad, batch_size, nonnegative=True, seed=0,
     # (then B - 2) images above it, and the one left out is not recovered.
     generator = torch.Generator().manual_seed(seed)
     for B in range(batch_size, max(batch_size - 3, 1), -1):
-        out = _separate_rank(U[:, :B], S[:B, None] * Vh[:B], Wg, bg, generator, nonnegative, max_samples, patience,
-                             chunk, settle)
+        out = _separate_rank(U[:, :B], S[:B, None] * Vh[:B], Wg, bg, generator, nonnegative, layer, max_samples,
+                             patience, chunk, settle)
         if out is not None:
             Xt, D, ok = out
             missing = batch_size - B
@@ -57,7 +58,7 @@ def separate_batch(weight_grad, bias_grad, batch_size, nonnegative=True, seed=0,
     return None
 
 
-def _separate_rank(L, R, Wg, bg, generator, nonnegative, max_samples, patience, chunk, settle):
+def _separate_rank(L, R, Wg, bg, generator, nonnegative, layer, max_samples, patience, chunk, settle):
     """separate_batch for B = L.shape[1] images with Wg ~ L R: (X^T (B, in), D (out, B), ok (B,)) or None."""
     B = L.shape[1]
     live = (L.norm(dim=1) > 1e-9).nonzero().flatten()  # units some image moves; the rest say nothing
@@ -65,7 +66,7 @@ def _separate_rank(L, R, Wg, bg, generator, nonnegative, max_samples, patience, 
         return None
     Ll = L[live]
     row_norm = Ll.norm(dim=1)
-    pool, pool_zeros, tried, since_new = [], [], 0, 0  # distinct candidate columns and how many zeros each has
+    pool, pool_zeros, pool_masks, tried, since_new = [], [], [], 0, 0  # distinct candidate columns, their zeros
     chosen, same_for = [], 0  # the B most vanishing independent candidates, and for how many chunks so far
     while tried < max_samples and since_new < patience and same_for < settle:
         pick = torch.rand(chunk, len(live), generator=generator).argsort(1)[:, :B - 1]
@@ -98,10 +99,11 @@ def _separate_rank(L, R, Wg, bg, generator, nonnegative, max_samples, patience, 
             same = [i for i, p in enumerate(pool) if (p @ c).abs() > 1 - 1e-6]
             if same:  # seen before: keep the estimate that vanishes on more rows
                 if int(zero.sum()) > pool_zeros[same[0]]:
-                    pool[same[0]], pool_zeros[same[0]] = c, int(zero.sum())
+                    pool[same[0]], pool_zeros[same[0]], pool_masks[same[0]] = c, int(zero.sum()), zero
                 continue
             pool.append(c)
             pool_zeros.append(int(zero.sum()))
+            pool_masks.append(zero)
             since_new = 0
         before, chosen = chosen, _most_vanishing(pool, pool_zeros, B)
         same_for = same_for + 1 if len(chosen) == B and chosen == before else 0
@@ -114,8 +116,14 @@ def _separate_rank(L, R, Wg, bg, generator, nonnegative, max_samples, patience, 
     D = D * s
     if (D @ Xt - Wg).norm() > 1e-3 * Wg.norm() or (D.sum(1) - bg).norm() > 1e-3 * bg.norm():
         return None
-    # an image whose column came out wrong is flagged (fc1's input is never negative after a ReLU)
+    # an image whose column came out wrong is flagged: fc1's input is never negative after a ReLU, and a unit
+    # that passes gradient to an image is active for it (pre-activation > 0). Nothing else checks a column:
+    # any invertible Q reproduces the weight and bias gradients.
     ok = Xt.isfinite().all(1) & (Xt.amin(1) >= -1e-3 * Xt.abs().amax(1) if nonnegative else True)
+    if layer is not None:
+        z = (Xt @ layer[0].double().T + layer[1].double())[:, live]  # (B, live units)
+        passes = ~torch.stack([pool_masks[i] for i in chosen])  # the units each image's column is non-zero on
+        ok &= ~(passes & (z <= 0)).any(1)
     return Xt, D, ok
 
 

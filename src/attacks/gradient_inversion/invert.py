@@ -56,7 +56,7 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, prior_i
     n_batches = counts.shape[0]
     name, fc = layers.first_fc(model)
     nonnegative = layers.fc_input_is_nonnegative(model)
-    parts = [separate_batch(grads[name + '.weight'][i], grads[name + '.bias'][i], B, nonnegative)
+    parts = [separate_batch(grads[name + '.weight'][i], grads[name + '.bias'][i], B, nonnegative, (fc.weight, fc.bias))
              for i in range(n_batches)]  # exact for every image that separates (SPEAR: see closed_form)
     sep = torch.tensor([p is not None for p in parts])
     images = torch.zeros(n_batches * B, *model.spec.shape, device=counts.device)
