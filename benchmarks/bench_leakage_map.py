@@ -1,4 +1,5 @@
-"""How much of a client's batch leaks from one FedSGD gradient, by batch size (issue 14, part 1: FedSGD).
+"""How much of a client's images leak from the updates FL sends: one FedSGD gradient by batch size, and
+multi-step FedAvg updates (issue 14).
 
     python benchmarks/bench_leakage_map.py --data-dir ../shared/data/mnist-10k [--run-dir DIR] [--json OUT.json]
 
@@ -11,7 +12,13 @@ feature search; the cosine search where a batch does not separate), and, as the 
 by the same attack with the separation it had before: units active for a single image only (the greedy
 below). Per setting: fraction of images recovered (PSNR >= 30 dB and >= 25 dB to its optimally matched
 original), label accuracy (per batch, as multisets), batches whose label counts are all exact, PSNR
-mean / min, seconds. Not yet here: multi-step FedAvg updates and the map figure (issue 14, parts 2-3).
+mean / min, seconds.
+
+FedAvg (--fedavg, default the issue's client: 50 images, 10 epochs of batch 5, the record's learning rate,
+dropout on): a client picked by the seed trains from the record's round-1 global model and from the final
+one; its update is attacked by Dimitrov et al. 2022's simulation (src/attacks/gradient_inversion/fedavg.py)
+and, as the baseline in the same run, by Geiping et al. 2020's (fedavg_rounds.py, as --gi-rounds: one dummy
+per image, one full-batch step per epoch). --fedavg-grid small|full adds the leakage map's FedAvg cells.
 """
 import argparse
 import os
@@ -26,6 +33,8 @@ from bench_gradient_inversion import attack as gi_attack  # noqa: E402
 from common import standard_target  # noqa: E402
 import src.attacks.gradient_inversion.invert as inv  # noqa: E402
 from src.attacks.gradient_inversion.clients import pick_images  # noqa: E402
+from src.attacks.gradient_inversion.fedavg import STEPS  # noqa: E402
+from src.attacks.gradient_inversion.leakage_map import attack_map, grid_cells, observe_map, score_map  # noqa: E402
 from src.utils import UserError, save_json  # noqa: E402
 
 
@@ -98,6 +107,12 @@ def main():
     p.add_argument('--images', type=int, default=64, help='client images per setting (a multiple of every B)')
     p.add_argument('--seed', type=int, default=0, help='the reported image set')
     p.add_argument('--skip-baseline', action='store_true')
+    p.add_argument('--parts', default='fedsgd,fedavg', help='fedsgd, fedavg or both (default)')
+    p.add_argument('--dropout', default='unknown,off', help='FedSGD dropout cases (default both)')
+    p.add_argument('--fedavg', default='50x10x5', help='FedAvg clients, images x epochs x batch size, comma-separated')
+    p.add_argument('--fedavg-grid', choices=['small', 'full'], help="also the leakage map's FedAvg cells")
+    p.add_argument('--fedavg-starts', default='first,final', help="the record's first global model, the final one")
+    p.add_argument('--fedavg-steps', type=int, default=STEPS, help=f'Adam steps per FedAvg attack (default {STEPS})')
     p.add_argument('--json', help='write the numbers here too')
     args = p.parse_args()
     sizes = [int(b) for b in args.batch_sizes.split(',')]
@@ -110,8 +125,9 @@ def main():
     print(f"{time.strftime('%Y-%m-%d')}: model {run_dir} (test accuracy {view.training['final_test_accuracy']:.4f}), "
           f"{args.images} images of seed {args.seed}, {torch.get_num_threads()} threads", flush=True)
     index, _ = pick_images(private.client_indices, args.images, args.seed)
-    out = {'fedsgd': []}
-    for dropout in (True, False):
+    parts = args.parts.split(',')
+    out = {'fedsgd': [], 'fedavg': []}
+    for dropout in [d == 'unknown' for d in args.dropout.split(',')] if 'fedsgd' in parts else []:
         print(f"\n== FedSGD, one gradient per batch, dropout {'unknown' if dropout else 'off'}", flush=True)
         for b in sizes:
             m = attack(view, private, index, b, dropout, args.seed)
@@ -122,6 +138,25 @@ def main():
                 print(line(f'B = {b}: baseline (single-image units)', base), flush=True)
                 entry.update({f'baseline_{k}': v for k, v in base.items()})
             out['fedsgd'].append(entry)
+    if 'fedavg' in parts:
+        cells = [tuple(int(v) for v in c.split('x')) for c in args.fedavg.split(',') if c]
+        if args.fedavg_grid:
+            cells += grid_cells(args.fedavg_grid)[2]
+        public_mean = view.public_x.mean(0, keepdim=True)
+        for start in args.fedavg_starts.split(','):
+            sent, truth = observe_map(view, private, (), 0, cells, args.seed, start)
+            print(f"\n== FedAvg updates from the {sent['start']} model (Dimitrov et al. 2022; baseline: Geiping et al. "
+                  f'2020), {args.fedavg_steps} steps', flush=True)
+            result = attack_map(view, sent, args.fedavg_steps, args.seed, progress=False)
+            for m in score_map(result, sent, truth, public_mean)['fedavg']:
+                print(f"n = {m['images_per_client']:4d}, {m['local_epochs']:3d} epochs of {m['batch_size']:4d} "
+                      f"({m['local_steps']} steps): >=25 dB {m['recovered_25db']:5.1%} | >=30 dB "
+                      f"{m['recovered_30db']:5.1%} | PSNR {m['psnr_mean']:5.1f} mean {m['psnr_min']:5.1f} min | "
+                      f"labels {m['label_accuracy']:5.1%} | {m['seconds']:6.1f} s || baseline >=25 dB "
+                      f"{m['baseline_recovered_25db']:5.1%} PSNR {m['baseline_psnr_mean']:5.1f} "
+                      f"{m['baseline_seconds']:6.1f} s || no attack: mean image {m['mean_image_psnr_mean']:5.1f}, "
+                      f"black {m['black_image_psnr_mean']:5.1f}", flush=True)
+                out['fedavg'].append({'start_model': sent['start'], **m})
     if args.json:
         save_json(out, args.json)
         print(f'wrote {args.json}')

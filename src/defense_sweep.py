@@ -83,7 +83,8 @@ def run_point(base_cfg, overrides, attack_args, attacks, folder, log):
         history = train(cfg, log=log)
         model_path = os.path.join(staging, 'global_model.pth')
         view, private = load_attack_inputs(model_path, device=cfg['device'], cache_dir=attack_args.cache_dir)
-        attack_args = argparse.Namespace(**dict(vars(attack_args), attacks=attacks))
+        # the leakage map measures the undefended protocol, the same at every point: not re-run per defense
+        attack_args = argparse.Namespace(**dict(vars(attack_args), attacks=attacks, gi_map='none'))
         metrics = write_results(view, private, attack_args, os.path.join(staging, 'attacks'), model_path, log)
         point = {'config': settings(cfg), 'attacks': attacks, 'overrides': overrides, 'defenses': history['defenses'],
                  'privacy': history['privacy'], 'test_accuracy': history['final_test_accuracy'],

@@ -114,6 +114,9 @@ def write_report(path, metrics, training, figures_dir, attacks):
             if os.path.isfile(fig_path):
                 with open(fig_path, 'rb') as f:
                     parts.append(_img_tag(f.read(), name))
+                caption = attack.metric(metrics[attack.key], attack.captions[name]) if name in attack.captions else None
+                if caption:
+                    parts.append(f'<p>{html.escape(caption)}</p>')
         parts.append(_table(scalar_rows(metrics[attack.key])))
     parts.append(f'<p>Versions: {_fmt(metrics.get("versions", ""))}</p></body></html>')
     with atomic_path(path) as tmp, open(tmp, 'w') as f:

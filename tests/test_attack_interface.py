@@ -13,7 +13,8 @@ from src.attacks.base import Attack, AttackerView, PrivateData
 from tests.conftest import make_idx_dir, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--gi-images', '2', '--gi-iterations', '5', '--gi-rounds-steps', '2', '--mi-steps', '3', '--mi-restarts', '1',
+TINY = ['--gi-images', '2', '--gi-iterations', '5', '--gi-rounds-steps', '2', '--gi-map-steps', '2', '--mi-steps', '3',
+        '--mi-restarts', '1',
         '--gmi-gan-steps', '5', '--gmi-steps', '3', '--gmi-restarts', '1', '--mia-shadows', '2', '--mia-candidates', '50',
         '--device', 'cpu']
 

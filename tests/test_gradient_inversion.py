@@ -446,7 +446,7 @@ def tensors_in(obj):
 
 def test_run_needs_only_the_attackers_view(tmp_path):
     view, private = server_and_clients()
-    args = settings('--gi-images', '2', '--gi-iterations', '20', '--no-gi-rounds')
+    args = settings('--gi-images', '2', '--gi-iterations', '20', '--no-gi-rounds', '--gi-map-steps', '2')
     attack = GradientInversion()
     attack.check(args)
     observation = attack.observe(private, view, args)
@@ -481,6 +481,13 @@ def test_run_needs_only_the_attackers_view(tmp_path):
         assert key in m
     assert (tmp_path / 'gradient_inversion_idlg.png').exists()
     assert report.arrays['reconstructions_dropout_unknown'].shape == (2, 28, 28)
+    leakage = m['leakage_map']  # the small map: FedSGD by batch size, FedAvg cells; no record, so no preset corner
+    assert [c['batch_size'] for c in leakage['fedsgd']] == [1, 8] and 'preset' not in leakage
+    assert {(c['images_per_client'], c['local_steps']) for c in leakage['fedavg']} <= {(5, 1), (5, 5), (50, 1)}
+    for c in leakage['fedsgd'] + leakage['fedavg']:
+        assert 0 <= c['recovered_30db'] <= c['recovered_25db'] <= 1 and c['seconds'] > 0
+    assert leakage['fedavg_start'] == 'final' and leakage['summary'].endswith('.')
+    assert (tmp_path / 'leakage_map.png').exists()
 
 
 def test_run_refuses_to_work_without_what_it_needs():
@@ -494,9 +501,16 @@ def test_run_refuses_to_work_without_what_it_needs():
 def test_fedavg_rounds_through_the_runner_are_scored_against_each_clients_images(tmp_path):
     view, private = server_and_clients()
     view = dataclasses.replace(view, captured=recorded_round(view, private))
-    args = settings('--gi-images', '2', '--gi-iterations', '5', '--gi-dropout', 'off', '--gi-rounds-steps', '3')
+    args = settings('--gi-images', '2', '--gi-iterations', '5', '--gi-dropout', 'off', '--gi-rounds-steps', '3',
+                    '--gi-map-steps', '2')
     metrics, arrays = runner.run_attacks(view, private, args, str(tmp_path), ['gradient'], log=lambda *a: None)
     m = metrics['gradient_inversion']
+    # the map starts its FedAvg clients from the record's model, and its presets' corner is the record itself
+    corner = m['leakage_map']['preset']
+    n = round(np.mean([len(ix) for ix in private.client_indices]))
+    assert m['leakage_map']['fedavg_start'] == 'round 1' and (corner['images_per_client'], corner['local_steps']) == (
+        n, math.ceil(n / 64))
+    assert corner['recovered_25db'] == np.mean([c['recovered_25db'] for c in m['fedavg_rounds']['rounds'][0]['clients']])
     assert 'dropout_unknown' not in m and m['main']['case'] == 'dropout_off'
     rounds = m['fedavg_rounds']
     assert [r['round'] for r in rounds['rounds']] == [1] and rounds['simulated_local_steps'] == 1

@@ -39,7 +39,7 @@ MARKER = '.fl-privacy-output.json'
 QUIET = lambda *a: None  # noqa: E731
 
 # a second of attack work: for runs that must succeed
-FAST_ATTACK = ['--attacks', 'gradient', '--no-gi-rounds', '--gi-images', '2', '--gi-iterations', '5', '--gi-restarts',
+FAST_ATTACK = ['--attacks', 'gradient', '--no-gi-rounds', '--gi-map', 'none', '--gi-images', '2', '--gi-iterations', '5', '--gi-restarts',
                '1', '--gi-dropout', 'off', '--device', 'cpu']
 # many minutes of attack work: a run that is not refused up front runs into its timeout
 SLOW_ATTACK = ['--attacks', 'gradient', '--no-gi-rounds', '--gi-images', '2', '--gi-iterations', '200000',
@@ -238,7 +238,7 @@ def main_argv(data_dir, out, *extra):
 
 def sweep_argv(data_dir, out, cache):
     return [SWEEP, '--config', 'quick', '--data-dir', data_dir, '--output-dir', out, '--cache-dir', cache,
-            '--attacks', 'gradient', '--no-gi-rounds', '--gi-images', '2', '--device', 'cpu']
+            '--attacks', 'gradient', '--no-gi-rounds', '--gi-map', 'none', '--gi-images', '2', '--device', 'cpu']
 
 
 def write(path, text='a user file\n'):

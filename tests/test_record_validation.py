@@ -476,7 +476,7 @@ def test_malformed_captured_record_names_file_and_field(originals, name):
 def run_attacks_argv(run_dir, out, cache):
     return ['--model', str(run_dir / 'global_model.pth'), '--output-dir', str(out), '--cache-dir', str(cache),
             '--attacks', 'gradient', '--gi-images', '2', '--gi-iterations', '5', '--gi-restarts', '1',
-            '--gi-rounds-steps', '1', '--device', 'cpu']
+            '--gi-rounds-steps', '1', '--gi-map', 'none', '--device', 'cpu']
 
 
 def run_attacks(run_dir, out, cache):

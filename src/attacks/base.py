@@ -84,16 +84,18 @@ class Attack:
     # (dotted path in its metrics, label, kind): the numbers report.html, the defense sweep and the
     # metrics schema show; kind is 'fraction' (in [0, 1]), 'db', 'seconds' or 'number'
     headline = ()
+    captions = {}      # figure -> dotted path of the sentence in its metrics that report.html shows under it
+
+    @staticmethod
+    def metric(metrics, path):
+        """The value at a dotted path in an attack's metrics, None if absent."""
+        for part in path.split('.'):
+            metrics = metrics.get(part) if isinstance(metrics, dict) else None
+        return metrics
 
     def headline_values(self, metrics):
         """[(label, kind, value)] of the declared headline numbers in this attack's metrics (None if absent)."""
-        out = []
-        for path, label, kind in self.headline:
-            value = metrics
-            for part in path.split('.'):
-                value = value.get(part) if isinstance(value, dict) else None
-            out.append((label, kind, value))
-        return out
+        return [(label, kind, self.metric(metrics, path)) for path, label, kind in self.headline]
 
     def add_arguments(self, parser):
         """Its flags, under its own heading."""

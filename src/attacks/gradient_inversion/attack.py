@@ -24,9 +24,12 @@ import torch
 from src.attacks.base import Attack, Observation, Report
 from src.attacks.gradient_inversion.clients import clients_per_gradient, pick_images, sent_gradients
 from src.attacks.gradient_inversion.dlg import ITERATIONS
+from src.attacks.gradient_inversion.fedavg import STEPS as FEDAVG_STEPS
 from src.attacks.gradient_inversion.fedavg_rounds import invert_rounds
 from src.attacks.gradient_inversion.figures import plot_reconstructions, plot_rounds
 from src.attacks.gradient_inversion.invert import METHODS, invert
+from src.attacks.gradient_inversion.leakage_map import GRIDS, attack_map, grid_cells, observe_map, plot_map, \
+    score_map
 from src.attacks.gradient_inversion.scoring import baselines, score_case, score_rounds
 from src.attacks.gradient_inversion.search import BATCH_STEPS, STEPS
 from src.defenses import active
@@ -50,7 +53,8 @@ class GradientInversion(Attack):
     name = 'gradient'
     key = 'gradient_inversion'
     title = 'Gradient inversion'
-    figures = ('gradient_inversion_idlg.png', 'gradient_inversion_rounds.png')
+    figures = ('gradient_inversion_idlg.png', 'gradient_inversion_rounds.png', 'leakage_map.png')
+    captions = {'leakage_map.png': 'leakage_map.summary'}
     headline = (('main.recovered_30db', 'images recovered (>= 30 dB)', 'fraction'),
                 ('main.recovered_25db', 'images recovered (>= 25 dB)', 'fraction'),
                 ('main.psnr_mean', 'mean PSNR (dB)', 'db'),
@@ -83,6 +87,11 @@ class GradientInversion(Attack):
         g.add_argument('--gi-rounds-steps', type=int, default=10, help='Adam steps per captured round (default 10)')
         g.add_argument('--gi-rounds-local-steps', type=int, default=None,
                        help='local SGD steps simulated on the dummies (default: the recorded local epochs)')
+        g.add_argument('--gi-map', choices=['none', *GRIDS], default='small',
+                       help='the leakage map (leakage_map.png): FedSGD by batch size, FedAvg by local steps x images '
+                            'per client; small (default, about a minute on 2 cores), full (the whole grid: long), none')
+        g.add_argument('--gi-map-steps', type=int, default=FEDAVG_STEPS,
+                       help=f'Adam steps of each FedAvg attack on the map (default {FEDAVG_STEPS})')
         g.add_argument('--gi-precision', choices=['fp32', 'train'], default='fp32',
                        help="arithmetic of the client's gradient: fp32, or the precision training used (bf16 here)")
 
@@ -95,6 +104,8 @@ class GradientInversion(Attack):
         if s.gi_rounds_dummies < 1 or s.gi_rounds_steps < 1 or (s.gi_rounds_local_steps is not None
                                                                 and s.gi_rounds_local_steps < 1):
             raise UserError('--gi-rounds-dummies, --gi-rounds-steps and --gi-rounds-local-steps must be at least 1')
+        if s.gi_map_steps < 1:
+            raise UserError('--gi-map-steps must be at least 1')
         if s.gi_method != 'default' and s.gi_batch_size != 1:
             raise UserError(f'--gi-method {s.gi_method} attacks single-image gradients: use --gi-batch-size 1')
 
@@ -114,8 +125,11 @@ class GradientInversion(Attack):
         gradients = {case: sent_gradients(view.model, images, labels, bs, case == 'unknown', cfg, precision, s.seed)
                      for case in dropout_cases(s)}
         sent = {'gradients': gradients, 'batch_size': received, 'client_batch_size': bs,
-                'clients_per_gradient': k, 'precision': precision}
-        return Observation(sent=sent, truth={'images': images, 'labels': labels, 'indices': index, 'owners': owners})
+                'clients_per_gradient': k, 'precision': precision, 'map': None}
+        truth = {'images': images, 'labels': labels, 'indices': index, 'owners': owners}
+        if s.gi_map != 'none':
+            sent['map'], truth['map'] = observe_map(view, private, *grid_cells(s.gi_map), s.seed)
+        return Observation(sent=sent, truth=truth)
 
     def run(self, view, settings):
         """The server: every observed gradient inverted, then (--gi-rounds) its recorded FedAvg updates."""
@@ -138,7 +152,12 @@ class GradientInversion(Attack):
             rounds = invert_rounds(view.model, view.captured, s.gi_rounds_dummies, s.gi_rounds_steps, s.seed,
                                    s.gi_rounds_local_steps, view.device)
             rounds['seconds'] = time.perf_counter() - t0
-        return {'cases': cases, 'rounds': rounds}
+        leakage_map = None
+        if observed['map'] is not None:
+            t0 = time.perf_counter()
+            leakage_map = attack_map(view, observed['map'], s.gi_map_steps, s.seed, s.gi_iterations, s.gi_restarts)
+            leakage_map['seconds'] = time.perf_counter() - t0
+        return {'cases': cases, 'rounds': rounds, 'map': leakage_map}
 
     def score(self, result, private, truth, view, settings, out_dir):
         s, observed, cfg = settings, view.observed, view.config
@@ -201,4 +220,18 @@ class GradientInversion(Attack):
                 'rounds': rounds, 'seconds': attacked['seconds']}
             plot_rounds(os.path.join(out_dir, 'gradient_inversion_rounds.png'), rounds, best)
             arrays['fedavg_rounds_best_dummy'] = np.stack([b[1] for b in best])
+        if result['map'] is not None:
+            preset = None
+            if result['rounds'] is not None and metrics['fedavg_rounds']['rounds']:
+                meta = view.captured['meta']
+                n = round(np.mean([c['client_images'] for c in metrics['fedavg_rounds']['rounds'][0]['clients']]))
+                preset = (n, meta['local_epochs'] * math.ceil(n / meta['batch_size']))
+            m = score_map(result['map'], observed['map'], truth['map'], public_mean,
+                          metrics.get('fedavg_rounds', {}).get('rounds'), preset)
+            m['grid'], m['seconds'] = s.gi_map, result['map']['seconds']
+            m['threat_model'] = ('FedSGD cells: one undefended gradient per batch, dropout unknown, final model; '
+                                 'FedAvg cells: one undefended update of a client after its local steps (dropout on, '
+                                 'shuffle and masks unknown), protocol known; private images for scoring only')
+            metrics['leakage_map'] = m
+            plot_map(os.path.join(out_dir, 'leakage_map.png'), m)
         return Report(metrics, arrays)
