@@ -30,7 +30,7 @@ def descend(x, loss_fn, steps, lr, optimizer='adam', bounds=(0.0, 1.0), mileston
     for step in tqdm(range(steps), desc=progress, unit='step', leave=False, disable=progress is None):
         if narrow is not None and step == narrow[0]:
             rows = narrow[1](x.detach())
-            state = opt.state.pop(x)
+            state = opt.state.pop(x, {})  # none yet when narrowing at step 0
             x = x.detach()[rows].requires_grad_(True)
             opt.param_groups[0]['params'] = [x]
             opt.state[x] = {k: v[rows] if torch.is_tensor(v) and v.dim() else v for k, v in state.items()}
