@@ -5,9 +5,9 @@ multi-step FedAvg updates (issue 14).
 
 On the standard preset's trained global model (trained first without --run-dir), --images client images
 (seed 0's, which no tuning looked at: the separation was tuned on seeds 11-13) go to the server in
-batches of B, one gradient per batch as a client computes it, dropout unknown (train mode, mask unseen)
-and off. Each gradient is attacked by the default attack (src/attacks/gradient_inversion/invert.py: every
-image's fc1 input and label from the sparse factorisation of fc1's gradient, SPEAR-style, then the
+batches of B, one gradient per batch as a client computes it, dropout unknown (train mode, mask unseen;
+--dropout unknown,off: and off, the papers' case). Each gradient is attacked by the default attack
+(src/attacks/gradient_inversion/invert.py: every image's fc1 input and label from the sparse factorisation of fc1's gradient, SPEAR-style, then the
 feature search; the cosine search where a batch does not separate), and, as the baseline in the same run,
 by the same attack with the separation it had before: units active for a single image only (the greedy
 below). Per setting: fraction of images recovered (PSNR >= 30 dB and >= 25 dB to its optimally matched
@@ -15,10 +15,12 @@ original), label accuracy (per batch, as multisets), batches whose label counts 
 mean / min, seconds.
 
 FedAvg (--fedavg, default the issue's client: 50 images, 10 epochs of batch 5, the record's learning rate,
-dropout on): a client picked by the seed trains from the record's round-1 global model and from the final
-one; its update is attacked by Dimitrov et al. 2022's simulation (src/attacks/gradient_inversion/fedavg.py)
-and, as the baseline in the same run, by Geiping et al. 2020's (fedavg_rounds.py, as --gi-rounds: one dummy
-per image, one full-batch step per epoch). --fedavg-grid small|full adds the leakage map's FedAvg cells.
+dropout on; and 5 images, 5 epochs of batch 5): a client picked by the seed trains from the record's round-1
+global model (--fedavg-starts first,final: and from the final one), as many clients as make 20 images
+(--fedavg-images); each update is attacked by Dimitrov et
+al. 2022's simulation (src/attacks/gradient_inversion/fedavg.py) and, as the baseline in the same run, by
+Geiping et al. 2020's (fedavg_rounds.py, as --gi-rounds: one dummy per image, one full-batch step per
+epoch). --fedavg-grid small|full adds the leakage map's FedAvg cells.
 """
 import argparse
 import os
@@ -99,6 +101,18 @@ def line(name, m):
             f"PSNR {m['psnr_mean']:5.1f} mean {m['psnr_min']:5.1f} min | {m['seconds']:6.1f} s")
 
 
+AVERAGED = ('recovered_25db', 'recovered_30db', 'psnr_mean', 'ssim_mean', 'label_accuracy', 'baseline_recovered_25db',
+            'baseline_recovered_30db', 'baseline_psnr_mean', 'mean_image_psnr_mean', 'black_image_psnr_mean')
+
+
+def fedavg_line(name, m):
+    return (f"{name:<9} >=25 dB {m['recovered_25db']:5.1%} | >=30 dB {m['recovered_30db']:5.1%} | PSNR "
+            f"{m['psnr_mean']:5.1f} mean {m['psnr_min']:5.1f} min | labels {m['label_accuracy']:5.1%} | "
+            f"{m['seconds']:6.1f} s || baseline >=25 dB {m['baseline_recovered_25db']:5.1%} PSNR "
+            f"{m['baseline_psnr_mean']:5.1f} {m['baseline_seconds']:6.1f} s || no attack: mean image "
+            f"{m['mean_image_psnr_mean']:5.1f}, black {m['black_image_psnr_mean']:5.1f}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--data-dir', default=os.path.join(os.environ.get('FL_REAL_DATA', '../shared/data'), 'mnist-10k'))
@@ -108,10 +122,16 @@ def main():
     p.add_argument('--seed', type=int, default=0, help='the reported image set')
     p.add_argument('--skip-baseline', action='store_true')
     p.add_argument('--parts', default='fedsgd,fedavg', help='fedsgd, fedavg or both (default)')
-    p.add_argument('--dropout', default='unknown,off', help='FedSGD dropout cases (default both)')
-    p.add_argument('--fedavg', default='50x10x5', help='FedAvg clients, images x epochs x batch size, comma-separated')
+    p.add_argument('--dropout', default='unknown',
+                   help="FedSGD dropout cases: unknown (default: the targets'), off (the papers' case), or both")
+    p.add_argument('--fedavg', default='50x10x5,5x5x5',
+                   help='FedAvg clients, images x epochs x batch size, comma-separated')
     p.add_argument('--fedavg-grid', choices=['small', 'full'], help="also the leakage map's FedAvg cells")
-    p.add_argument('--fedavg-starts', default='first,final', help="the record's first global model, the final one")
+    p.add_argument('--fedavg-starts', default='first',
+                   help="first (the record's round-1 global model) and/or final, comma-separated (default first)")
+    p.add_argument('--device', default='cpu', help="cpu (default) or cuda")
+    p.add_argument('--fedavg-images', type=int, default=20,
+                   help='at least this many images per FedAvg setting, in clients of its size (default 20)')
     p.add_argument('--fedavg-steps', type=int, default=STEPS, help=f'Adam steps per FedAvg attack (default {STEPS})')
     p.add_argument('--json', help='write the numbers here too')
     args = p.parse_args()
@@ -119,7 +139,8 @@ def main():
     if any(args.images % b for b in sizes):
         sys.exit(f'error: --images {args.images} is not a multiple of every batch size {sizes}')
     try:
-        view, private, run_dir = standard_target(args.data_dir, args.run_dir, tempfile.mkdtemp(prefix='bench_map_'))
+        view, private, run_dir = standard_target(args.data_dir, args.run_dir, tempfile.mkdtemp(prefix='bench_map_'),
+                                                 device=args.device)
     except UserError as e:
         sys.exit(f'error: {e}')
     print(f"{time.strftime('%Y-%m-%d')}: model {run_dir} (test accuracy {view.training['final_test_accuracy']:.4f}), "
@@ -139,24 +160,34 @@ def main():
                 entry.update({f'baseline_{k}': v for k, v in base.items()})
             out['fedsgd'].append(entry)
     if 'fedavg' in parts:
-        cells = [tuple(int(v) for v in c.split('x')) for c in args.fedavg.split(',') if c]
+        settings = [tuple(int(v) for v in c.split('x')) for c in args.fedavg.split(',') if c]
         if args.fedavg_grid:
-            cells += grid_cells(args.fedavg_grid)[2]
+            settings += grid_cells(args.fedavg_grid)[2]
         public_mean = view.public_x.mean(0, keepdim=True)
         for start in args.fedavg_starts.split(','):
-            sent, truth = observe_map(view, private, (), 0, cells, args.seed, start)
-            print(f"\n== FedAvg updates from the {sent['start']} model (Dimitrov et al. 2022; baseline: Geiping et al. "
-                  f'2020), {args.fedavg_steps} steps', flush=True)
-            result = attack_map(view, sent, args.fedavg_steps, args.seed, progress=False)
-            for m in score_map(result, sent, truth, public_mean)['fedavg']:
-                print(f"n = {m['images_per_client']:4d}, {m['local_epochs']:3d} epochs of {m['batch_size']:4d} "
-                      f"({m['local_steps']} steps): >=25 dB {m['recovered_25db']:5.1%} | >=30 dB "
-                      f"{m['recovered_30db']:5.1%} | PSNR {m['psnr_mean']:5.1f} mean {m['psnr_min']:5.1f} min | "
-                      f"labels {m['label_accuracy']:5.1%} | {m['seconds']:6.1f} s || baseline >=25 dB "
-                      f"{m['baseline_recovered_25db']:5.1%} PSNR {m['baseline_psnr_mean']:5.1f} "
-                      f"{m['baseline_seconds']:6.1f} s || no attack: mean image {m['mean_image_psnr_mean']:5.1f}, "
-                      f"black {m['black_image_psnr_mean']:5.1f}", flush=True)
-                out['fedavg'].append({'start_model': sent['start'], **m})
+            for n, epochs, b in settings:
+                clients = max(1, -(-args.fedavg_images // n))  # enough clients for --fedavg-images images
+                sent, truth = observe_map(view, private, (), 0, [(n, epochs, b)] * clients, args.seed, start)
+                print(f"\n== FedAvg from the {sent['start']} model: {clients} client(s) of {n} images, {epochs} "
+                      f'epochs of batch {b}; Dimitrov et al. 2022, {args.fedavg_steps} steps (baseline: Geiping et '
+                      'al. 2020)', flush=True)
+                each = []
+                for i in range(clients):  # one client at a time, printed as it finishes
+                    one = dict(sent, fedavg=sent['fedavg'][i:i + 1])
+                    result = attack_map(view, one, args.fedavg_steps, args.seed, progress=False)
+                    each.append(score_map(result, one, dict(truth, fedavg=truth['fedavg'][i:i + 1]),
+                                          public_mean)['fedavg'][0])
+                    print(fedavg_line(f'client {i + 1}', each[-1]), flush=True)
+                entry = {'start_model': sent['start'], **{k: each[0][k] for k in (
+                    'images_per_client', 'local_epochs', 'batch_size', 'local_steps', 'learning_rate')},
+                         'clients': clients, 'images': clients * n,
+                         **{k: sum(e[k] for e in each) / clients for k in AVERAGED},
+                         'psnr_min': min(e['psnr_min'] for e in each),
+                         'seconds': sum(e['seconds'] for e in each),
+                         'baseline_seconds': sum(e['baseline_seconds'] for e in each), 'per_client': each}
+                if clients > 1:
+                    print(fedavg_line('all', entry), flush=True)
+                out['fedavg'].append(entry)
     if args.json:
         save_json(out, args.json)
         print(f'wrote {args.json}')

@@ -6,7 +6,7 @@ import config
 from src.attacks.target import load_attack_inputs
 
 
-def standard_target(data_dir, run_dir, tmp, cache_dir='cache'):
+def standard_target(data_dir, run_dir, tmp, cache_dir='cache', device='cpu'):
     """(view, private, run_dir): the attacker's view of the global model in `run_dir` and the clients'
     data (for scoring), or with run_dir None the standard preset trained now into `tmp` (a temporary
     folder the caller owns)."""
@@ -15,7 +15,7 @@ def standard_target(data_dir, run_dir, tmp, cache_dir='cache'):
         run_dir = tmp
         print(f'training the standard model on {data_dir} into a temporary folder ...')
         train(config.resolve('standard', {'data_dir': data_dir, 'output_dir': tmp}), log=lambda *a: None)
-    view, private = load_attack_inputs(os.path.join(run_dir, 'global_model.pth'), data_dir=data_dir, device='cpu',
+    view, private = load_attack_inputs(os.path.join(run_dir, 'global_model.pth'), data_dir=data_dir, device=device,
                                        cache_dir=cache_dir)
     return view, private, run_dir
 
