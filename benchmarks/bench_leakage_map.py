@@ -7,20 +7,20 @@ On the standard preset's trained global model (trained first without --run-dir),
 (seed 0's, which no tuning looked at: the separation was tuned on seeds 11-13) go to the server in
 batches of B, one gradient per batch as a client computes it, dropout unknown (train mode, mask unseen;
 --dropout unknown,off: and off, the papers' case). Each gradient is attacked by the default attack
-(src/attacks/gradient_inversion/invert.py: every image's fc1 input and label from the sparse factorisation of fc1's gradient, SPEAR-style, then the
-feature search; the cosine search where a batch does not separate), and, as the baseline in the same run,
-by the same attack with the separation it had before: units active for a single image only (the greedy
-below). Per setting: fraction of images recovered (PSNR >= 30 dB and >= 25 dB to its optimally matched
-original), label accuracy (per batch, as multisets), batches whose label counts are all exact, PSNR
-mean / min, seconds.
+(src/attacks/gradient_inversion/invert.py: every image's fc1 input and label from the sparse factorisation
+of fc1's gradient, SPEAR-style, then the feature search; the cosine search where a batch does not
+separate), and, as the baseline in the same run, by the same attack with the separation it had before:
+units active for a single image only (the greedy below). Per setting: fraction of images recovered (PSNR
+>= 30 dB and >= 25 dB to its optimally matched original), label accuracy (per batch, as multisets),
+batches whose label counts are all exact, PSNR mean / min, seconds.
 
 FedAvg (--fedavg, default the issue's client: 50 images, 10 epochs of batch 5, the record's learning rate,
 dropout on; and 5 images, 5 epochs of batch 5): a client picked by the seed trains from the record's round-1
 global model (--fedavg-starts first,final: and from the final one), as many clients as make 20 images
-(--fedavg-images); each update is attacked by Dimitrov et
-al. 2022's simulation (src/attacks/gradient_inversion/fedavg.py) and, as the baseline in the same run, by
-Geiping et al. 2020's (fedavg_rounds.py, as --gi-rounds: one dummy per image, one full-batch step per
-epoch). --fedavg-grid small|full adds the leakage map's FedAvg cells.
+(--fedavg-images); each update is attacked by Dimitrov et al. 2022's simulation
+(src/attacks/gradient_inversion/fedavg.py) and, as the baseline in the same run, by Geiping et al. 2020's
+(fedavg_rounds.py, as --gi-rounds: one dummy per image, one full-batch step per epoch). --fedavg-grid
+small|full adds the leakage map's FedAvg cells.
 """
 import argparse
 import os

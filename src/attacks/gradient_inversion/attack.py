@@ -221,17 +221,9 @@ class GradientInversion(Attack):
             plot_rounds(os.path.join(out_dir, 'gradient_inversion_rounds.png'), rounds, best)
             arrays['fedavg_rounds_best_dummy'] = np.stack([b[1] for b in best])
         if result['map'] is not None:
-            preset = None
-            if result['rounds'] is not None and metrics['fedavg_rounds']['rounds']:
-                meta = view.captured['meta']
-                n = round(np.mean([c['client_images'] for c in metrics['fedavg_rounds']['rounds'][0]['clients']]))
-                preset = (n, meta['local_epochs'] * math.ceil(n / meta['batch_size']))
             m = score_map(result['map'], observed['map'], truth['map'], public_mean,
-                          metrics.get('fedavg_rounds', {}).get('rounds'), preset)
+                          metrics.get('fedavg_rounds', {}).get('rounds'), view.captured and view.captured['meta'])
             m['grid'], m['seconds'] = s.gi_map, result['map']['seconds']
-            m['threat_model'] = ('FedSGD cells: one undefended gradient per batch, dropout unknown, final model; '
-                                 'FedAvg cells: one undefended update of a client after its local steps (dropout on, '
-                                 'shuffle and masks unknown), protocol known; private images for scoring only')
             metrics['leakage_map'] = m
             plot_map(os.path.join(out_dir, 'leakage_map.png'), m)
         return Report(metrics, arrays)

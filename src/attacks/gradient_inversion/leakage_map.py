@@ -38,9 +38,12 @@ from src.model import seed_dropout
 from src.utils import UserError
 
 MAX_BATCH = 64  # the presets' batch size
+THREAT_MODEL = ('FedSGD cells: one undefended gradient per batch under the final model, dropout unknown; FedAvg '
+                "cells: one undefended update of a client after its local steps (dropout on; shuffle and masks "
+                'unknown to the server, the protocol known); the private images reach the scoring only')
 # small: the default run's map (under a minute on 2 cores); full: the issue's whole grid
 GRIDS = {
-    'small': {'fedsgd': (1, 8), 'fedsgd_images': 8, 'fedavg': ((5, 1), (5, 5), (50, 1))},
+    'small': {'fedsgd': (1, 8), 'fedsgd_images': 8, 'fedavg': ((5, 1), (5, 2), (5, 5))},
     'full': {'fedsgd': (1, 2, 4, 8, 16, 32, 64), 'fedsgd_images': 64,
              'fedavg': tuple(itertools.product((5, 50, 200, 1600), (1, 2, 5, 10, 25, 125)))},
 }
@@ -162,10 +165,10 @@ def _scores(recon, originals, labels, true_labels, batch_size):
             'ssim_mean': s.mean().item(), 'label_accuracy': label_count_accuracy(true_labels, labels, batch_size)}
 
 
-def score_map(result, sent, truth, public_mean, rounds_metrics=None, preset=None):
+def score_map(result, sent, truth, public_mean, rounds=None, meta=None):
     """Every cell scored against its client's images, next to the no-attack guesses (public mean image,
-    black image). rounds_metrics/preset: --gi-rounds' scored record and (images per client, local steps) of
-    the training that made it, for the presets' corner. Returns the map's metrics."""
+    black image). rounds, meta: --gi-rounds' scored record and the record's training meta, for the presets'
+    corner. Returns the map's metrics."""
     fedsgd = []
     for cell, r in zip(sent['fedsgd'], result['fedsgd']):
         b, inv = cell['batch_size'], r['inversion']
@@ -186,19 +189,22 @@ def score_map(result, sent, truth, public_mean, rounds_metrics=None, preset=None
                              'baseline_seconds': r['baseline_seconds'],
                              'mean_image_psnr_mean': psnr(public_mean.expand_as(x), x).mean().item(),
                              'black_image_psnr_mean': psnr(torch.zeros_like(x), x).mean().item()})
-    out = {'fedsgd': fedsgd, 'fedavg': fedavg, 'fedavg_start': sent['start'],
-           'recovered_threshold_db': [25.0, 30.0]}
-    if rounds_metrics and preset:
-        out['preset'] = preset_corner(rounds_metrics, *preset)
+    out = {'fedsgd': fedsgd, 'fedavg': fedavg, 'fedavg_start': sent['start'], 'recovered_threshold_db': [25.0, 30.0],
+           'threat_model': THREAT_MODEL}
+    if rounds and meta:
+        out['preset'] = preset_corner(rounds, meta)
     out['summary'] = summary(out)
     return out
 
 
-def preset_corner(rounds, images_per_client, steps):
+def preset_corner(rounds, meta):
     """The presets' own cell from the attacked record (first captured round, mean over its clients): the
-    share of a client's images that some dummy recovered (at most dummies / images)."""
+    share of a client's images that some dummy recovered (at most dummies / images), placed at the clients'
+    mean share of images and the local steps that took."""
     first = rounds[0]
     cells = first['clients']
+    images_per_client = round(np.mean([c['client_images'] for c in cells]))
+    steps = meta['local_epochs'] * math.ceil(images_per_client / meta['batch_size'])
     return {'images_per_client': images_per_client, 'local_steps': steps, 'round': first['round'],
             'recovered_25db': float(np.mean([c['recovered_25db'] for c in cells])),
             'recovered_30db': float(np.mean([c['recovered_30db'] for c in cells])),

@@ -86,6 +86,7 @@ def score_rounds(attacked, private, public_mean):
             blank = psnr(torch.zeros_like(real), real).max()  # a black image vs the client's sparsest digit
             row['clients'].append({'client': client, 'client_images': len(real), 'failed': bool(rd['failed'][j]),
                                    'psnr_mean': p.mean().item(), 'psnr_max': p.max().item(),
+                                   # the share of the client's images some dummy recovered
                                    **{k: v * len(p) / len(real) for k, v in recovered_fractions(p).items()},
                                    'mean_image_psnr_mean': base.mean().item(), 'black_image_psnr_max': blank.item(),
                                    'dummy_labels': rd['labels'][j].tolist()})
