@@ -510,7 +510,8 @@ def test_fedavg_rounds_through_the_runner_are_scored_against_each_clients_images
     n = round(np.mean([len(ix) for ix in private.client_indices]))
     assert m['leakage_map']['fedavg_start'] == 'round 1' and (corner['images_per_client'], corner['local_steps']) == (
         n, math.ceil(n / 64))
-    assert corner['recovered_25db'] == np.mean([c['recovered_25db'] for c in m['fedavg_rounds']['rounds'][0]['clients']])
+    first = m['fedavg_rounds']['rounds'][0]['clients']
+    assert corner['recovered_25db'] == np.mean([c['recovered_25db'] for c in first])
     assert 'dropout_unknown' not in m and m['main']['case'] == 'dropout_off'
     rounds = m['fedavg_rounds']
     assert [r['round'] for r in rounds['rounds']] == [1] and rounds['simulated_local_steps'] == 1
