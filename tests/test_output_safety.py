@@ -39,8 +39,8 @@ MARKER = '.fl-privacy-output.json'
 QUIET = lambda *a: None  # noqa: E731
 
 # a second of attack work: for runs that must succeed
-FAST_ATTACK = ['--attacks', 'gradient', '--no-gi-rounds', '--gi-map', 'none', '--gi-images', '2', '--gi-iterations', '5',
-               '--gi-restarts', '1', '--gi-dropout', 'off', '--device', 'cpu']
+FAST_ATTACK = ['--attacks', 'gradient', '--no-gi-rounds', '--gi-map', 'none', '--gi-images', '2',
+               '--gi-iterations', '5', '--gi-restarts', '1', '--gi-dropout', 'off', '--device', 'cpu']
 # many minutes of attack work: a run that is not refused up front runs into its timeout
 SLOW_ATTACK = ['--attacks', 'gradient', '--no-gi-rounds', '--gi-images', '2', '--gi-iterations', '200000',
                '--device', 'cpu']
