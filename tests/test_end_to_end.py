@@ -13,7 +13,7 @@ from tests.conftest import tiny_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ATTACKS = ['--gi-images', '2', '--gi-iterations', '10', '--gi-rounds-steps', '2', '--gi-map-steps', '2',
                 '--mi-steps', '5', '--mi-restarts', '2', '--gmi-gan-steps', '20', '--gmi-steps', '5',
-                '--gmi-restarts', '2',                '--mia-shadows', '2', '--mia-candidates', '50', '--device', 'cpu']
+                '--gmi-restarts', '2', '--mia-shadows', '2', '--mia-candidates', '50', '--device', 'cpu']
 EVERY_ATTACK = ['--attacks', 'gradient,model,gan,malicious,membership']  # membership is asked for by name
 
 

@@ -113,7 +113,7 @@ def test_dlg_and_idlg_run_on_any_model():
 
 TINY_ATTACKS = ['--gi-images', '2', '--gi-iterations', '10', '--gi-rounds-steps', '2', '--gi-map-steps', '2',
                 '--mi-steps', '5', '--mi-restarts', '2', '--gmi-gan-steps', '20', '--gmi-steps', '5',
-                '--gmi-restarts', '2',                '--mia-shadows', '2', '--mia-candidates', '50', '--device', 'cpu',
+                '--gmi-restarts', '2', '--mia-shadows', '2', '--mia-candidates', '50', '--device', 'cpu',
                 '--attacks', 'gradient,model,gan,membership']
 
 
