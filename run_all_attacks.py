@@ -3,7 +3,8 @@
     python run_all_attacks.py [--model global_model.pth] [--attacks gradient,model,gan] [flags]
 
 Writes to --output-dir (default attack_results/): gradient_inversion_idlg.png,
-model_inversion_all.png, gan_inversion_all.png, gan_samples.png, metrics.json,
+gradient_inversion_rounds.png, leakage_map.png, model_inversion_all.png, gan_inversion_all.png,
+gan_samples.png, metrics.json,
 metrics.schema.json, reconstructions.npz and report.html. The folder is replaced whole at the end,
 so a crash never leaves old and new results mixed; only a new or empty folder, or one an earlier
 run of this script wrote, is ever replaced (anything else is refused before the work starts).

@@ -222,8 +222,9 @@ def summary(m):
                      if leaky else 'no FedSGD batch size tried gives away half of its batch (>= 25 dB)')
     if fa:
         worst = max(fa, key=lambda c: (c['local_steps'] * c['images_per_client']))
-        parts.append(f"a FedAvg update still does at {worst['images_per_client']} images x {worst['local_steps']} "
-                     'local steps')
+        steps = worst['local_steps']
+        parts.append(f"a FedAvg update still does at {worst['images_per_client']} images x {steps} local "
+                     f"step{'s' if steps > 1 else ''}")
     else:
         parts.append('no FedAvg update tried does')
     if 'preset' in m:
