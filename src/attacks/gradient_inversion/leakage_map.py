@@ -254,20 +254,21 @@ def plot_map(path, m):
     a1.set_title('FedSGD: one gradient of a batch\n(final model, dropout unknown)', fontsize=9)
     a1.legend(fontsize=7)
     cells = {(c['images_per_client'], c['local_steps']):
-             (c['recovered_25db'], f"({100 * c['baseline_recovered_25db']:.0f}%)") for c in m['fedavg']}
+             (c['recovered_25db'], f"{100 * c['recovered_25db']:.0f}%\n({100 * c['baseline_recovered_25db']:.0f}%)")
+             for c in m['fedavg']}
     preset = m.get('preset')
     if preset:  # the record: beside the simulated cell at the same place, if the grid has one
         key = (preset['images_per_client'], preset['local_steps'])
-        value, base = cells.get(key, (preset['recovered_25db'], ''))
-        cells[key] = (value, f"{base}\nrecord {100 * preset['recovered_25db']:.0f}%".strip())
+        value, text = cells.get(key, (preset['recovered_25db'], ''))
+        cells[key] = (value, f"{text}\nrecord {100 * preset['recovered_25db']:.0f}%".strip())
     rows = sorted({k[0] for k in cells})
     cols = sorted({k[1] for k in cells})
     grid = np.full((len(rows), len(cols)), np.nan)
     for (n, s), (v, _) in cells.items():
         grid[rows.index(n), cols.index(s)] = v
     im = a2.imshow(grid, vmin=0, vmax=1, cmap='magma', aspect='auto')
-    for (n, s), (v, below) in cells.items():
-        a2.text(cols.index(s), rows.index(n), f'{100 * v:.0f}%\n{below}', ha='center', va='center', fontsize=7,
+    for (n, s), (v, text) in cells.items():
+        a2.text(cols.index(s), rows.index(n), text, ha='center', va='center', fontsize=7,
                 color='white' if v < 0.6 else 'black')
     if preset:
         i, j = rows.index(preset['images_per_client']), cols.index(preset['local_steps'])
