@@ -89,7 +89,8 @@ class GradientInversion(Attack):
                        help='local SGD steps simulated on the dummies (default: the recorded local epochs)')
         g.add_argument('--gi-map', choices=['none', *GRIDS], default='small',
                        help='the leakage map (leakage_map.png): FedSGD by batch size, FedAvg by local steps x images '
-                            'per client; small (default, about a minute on 2 cores), full (the whole grid: long), none')
+                            'per client; small (default, about half a minute on 2 cores), full (the whole grid: '
+                            'hours), none')
         g.add_argument('--gi-map-steps', type=int, default=FEDAVG_STEPS,
                        help=f'Adam steps of each FedAvg attack on the map (default {FEDAVG_STEPS})')
         g.add_argument('--gi-precision', choices=['fp32', 'train'], default='fp32',
