@@ -10,7 +10,7 @@ RECOVERED_DB = (25.0, 30.0)
 
 
 def descend(x, loss_fn, steps, lr, optimizer='adam', bounds=(0.0, 1.0), milestones=(), progress=None,
-            narrow=None):
+            narrow=None, extra=()):
     """Minimise loss_fn(x, step) -> one loss per row of x, keeping x in `bounds` after every step.
 
     Rows are independent problems solved as one batch: the summed loss gives each row exactly its own
@@ -19,11 +19,14 @@ def descend(x, loss_fn, steps, lr, optimizer='adam', bounds=(0.0, 1.0), mileston
     GMI's latent search). milestones: fractions of the steps at which the step size is cut 5x. progress: a
     tqdm description (shown), or None. narrow=(step, choose): at that step only the rows choose(x) returns
     go on, with their optimiser state, so the rest of the steps cost less; loss_fn must accept the
-    narrower x. Returns (x detached, diverged (rows,) bool).
+    narrower x. extra: (tensor, step size) pairs of unbounded leaf tensors that loss_fn uses and that are
+    optimised alongside x, in place (the FedAvg attack's dropout masks). Returns (x detached, diverged (rows,)
+    bool).
     """
     x = x.detach().clone().requires_grad_(True)
-    opt = (torch.optim.Adam([x], lr=lr) if optimizer == 'adam' else
-           torch.optim.SGD([x], lr=lr, momentum=0.9, nesterov=True))
+    groups = [{'params': [x]}, *({'params': [t], 'lr': t_lr} for t, t_lr in extra)]
+    opt = (torch.optim.Adam(groups, lr=lr) if optimizer == 'adam' else
+           torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True))
     sched = (torch.optim.lr_scheduler.MultiStepLR(opt, [int(steps * m) for m in milestones], 0.2)
              if milestones else None)
     diverged = torch.zeros(len(x), dtype=torch.bool, device=x.device)
@@ -41,7 +44,8 @@ def descend(x, loss_fn, steps, lr, optimizer='adam', bounds=(0.0, 1.0), mileston
         opt.zero_grad(set_to_none=True)
         loss.masked_fill(bad, 0).sum().backward()
         with torch.no_grad():
-            x.grad.nan_to_num_(0.0, 0.0, 0.0)
+            for t in (x, *(t for t, _ in extra)):
+                t.grad.nan_to_num_(0.0, 0.0, 0.0)
         opt.step()
         if sched is not None:
             sched.step()

@@ -24,9 +24,8 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch.func import functional_call
-from tqdm import tqdm
 
-from src.attacks.common import total_variation
+from src.attacks.common import descend, total_variation
 from src.attacks.gradient_inversion.invert import invert
 from src.attacks.gradient_inversion.layers import flat, frozen, output_bias, param_names
 from src.model import dropouts
@@ -153,42 +152,36 @@ def invert_fedavg(model, start, delta, n, epochs, batch_size, lr, steps, generat
     perm = torch.stack([torch.randperm(n, generator=generator) for _ in range(epochs)])
     slot_labels = labels[perm]
     slot_labels_on_device = slot_labels.to(device)
-    x = (0.1 * torch.rand(n, *model.spec.shape, generator=generator))[perm].to(device).requires_grad_(True)
+    x0 = (0.1 * torch.rand(n, *model.spec.shape, generator=generator))[perm].to(device)
     # the dropout masks are unknown: each image's mask at each epoch is estimated with the images, as
     # sigmoid(logit) / keep, starting at 1 (the expected mask, eval mode's forward)
     layer = dropout_layer(model)
     keep = 1 - layer.p if layer is not None else 1
-    mask_logits = None
+    mask_logits, extra = None, []
     if keep < 1:
-        mask_logits = torch.full((epochs, n, *_dropout_input_shape(model, x[0, :1])), math.log(keep / (1 - keep)),
+        mask_logits = torch.full((epochs, n, *_dropout_input_shape(model, x0[0, :1])), math.log(keep / (1 - keep)),
                                  device=device, requires_grad=True)
+        extra = [(mask_logits, MASK_LR)]
     target = flat({k: v[None] for k, v in delta.items()})[0]
-    slots = perm.argsort(1)  # slots[e, i]: the slot of image i in epoch e (on the CPU, as the matching)
-    groups = [{'params': [x], 'lr': LR}] + ([{'params': [mask_logits], 'lr': MASK_LR}] if keep < 1 else [])
-    opt = torch.optim.Adam(groups)
-    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(steps * m) for m in MILESTONES], 0.2)
-    failed = False
+    state = {'slots': perm.argsort(1)}  # slots[e, i]: the slot of image i in epoch e (on the CPU, as the matching)
+
+    def loss(x, step):  # x: (1, E, n, C, H, W), one problem
+        x = x[0]
+        if step and step % ALIGN_EVERY == 0:
+            state['slots'] = _align(x.detach(), slot_labels, labels, state['slots'])
+        masks = None if mask_logits is None else torch.sigmoid(mask_logits) / keep
+        w, _ = local_training(model, start, x, slot_labels_on_device, batch_size, lr, True, masks)
+        sim = flat({k: (w[k] - start[k])[None] for k in delta})[0]
+        aligned = _aligned(x, state['slots'])
+        tie = (aligned - aligned.mean(0).detach()).pow(2).mean()
+        return (1 - F.cosine_similarity(sim, target, 0, eps=1e-30)
+                + TV_WEIGHT * total_variation(x.flatten(0, 1)).sum() + PRIOR_WEIGHT * tie)[None]
+
     with frozen(model):
-        for step in tqdm(range(steps), desc=progress, unit='step', leave=False, disable=progress is None):
-            if step and step % ALIGN_EVERY == 0:
-                slots = _align(x.detach(), slot_labels, labels, slots)
-            masks = None if mask_logits is None else torch.sigmoid(mask_logits) / keep
-            w, _ = local_training(model, start, x, slot_labels_on_device, batch_size, lr, True, masks)
-            sim = flat({k: (w[k] - start[k])[None] for k in delta})[0]
-            aligned = _aligned(x, slots)
-            tie = (aligned - aligned.mean(0).detach()).pow(2).mean()
-            loss = (1 - F.cosine_similarity(sim, target, 0, eps=1e-30)
-                    + TV_WEIGHT * total_variation(x.flatten(0, 1)).sum() + PRIOR_WEIGHT * tie)
-            if not torch.isfinite(loss):
-                failed = True
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            with torch.no_grad():
-                x.clamp_(0, 1)
-    images = _aligned(x.detach(), slots).mean(0)
+        x, diverged = descend(x0[None], loss, steps, LR, milestones=MILESTONES, progress=progress, extra=extra)
+    slots = state['slots']
+    x, failed = x[0], bool(diverged[0])
+    images = _aligned(x, slots).mean(0)
     failed = failed or not math.isfinite(images.sum().item())
     return (torch.zeros_like(images) if failed else images), labels.to(device), torch.full((n,), failed)
 
