@@ -37,6 +37,7 @@ import src.attacks.gradient_inversion.invert as inv  # noqa: E402
 from src.attacks.gradient_inversion.clients import pick_images  # noqa: E402
 from src.attacks.gradient_inversion.fedavg import STEPS  # noqa: E402
 from src.attacks.gradient_inversion.leakage_map import attack_map, grid_cells, observe_map, score_map  # noqa: E402
+from src.attacks.gradient_inversion.scoring import exact_count_batches  # noqa: E402
 from src.utils import UserError, save_json  # noqa: E402
 
 
@@ -87,11 +88,10 @@ def attack(view, private, index, batch_size, dropout, seed, separation=None):
     finally:
         inv.separate_batch = original
     per_image = m['per_image']  # in the originals' order, each with its matched reconstruction's label
-    exact = [sorted(p['true_label'] for p in per_image[s:s + batch_size]) ==
-             sorted(p['recovered_label'] for p in per_image[s:s + batch_size])
-             for s in range(0, len(per_image), batch_size)]
+    true, recovered = (torch.tensor([p[key] for p in per_image]) for key in ('true_label', 'recovered_label'))
     return {'recovered_30db': m['recovered_30db'], 'recovered_25db': m['recovered_25db'],
-            'label_accuracy': m['label_accuracy'], 'label_count_accuracy': sum(exact) / len(exact),
+            'label_accuracy': m['label_accuracy'],
+            'label_count_accuracy': exact_count_batches(true, recovered, batch_size),
             'psnr_mean': m['psnr_mean'], 'psnr_min': m['psnr_min'], 'seconds': m['seconds']}
 
 

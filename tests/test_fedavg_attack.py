@@ -7,6 +7,7 @@ import torch
 import pytest
 
 from src.attacks.gradient_inversion import fedavg
+from src.attacks.gradient_inversion.invert import Inversion
 from src.attacks.gradient_inversion.leakage_map import _scores, schedule
 from src.client import client_update
 from src.data import MNIST_SPEC
@@ -83,5 +84,5 @@ def test_an_update_that_holds_nothing_is_not_reported_as_recovered():
     images, labels, failed = fedavg.invert_fedavg(model, start, noise, 5, 2, 5, 0.05, 30,
                                                   torch.Generator().manual_seed(0), *client(200, seed=5)[1:])
     assert images.shape == (5, 1, 28, 28) and labels.shape == (5,) and not failed.any()
-    scores = _scores(images, x, labels, y, 5)
+    scores = _scores(x, Inversion(images, labels, failed, torch.zeros(5, dtype=torch.bool)), y, 5)
     assert scores['recovered_25db'] == 0 and scores['psnr_mean'] < 20

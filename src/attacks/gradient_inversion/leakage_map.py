@@ -24,16 +24,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from src.attacks.common import recovered_fractions
 from src.attacks.gradient_inversion.clients import client_gradients, pick_images
 from src.attacks.gradient_inversion.fedavg import invert_fedavg
 from src.attacks.gradient_inversion.fedavg_rounds import invert_updates
-from src.attacks.gradient_inversion.invert import invert
+from src.attacks.gradient_inversion.invert import Inversion, invert
 from src.attacks.gradient_inversion.labels import recover_labels
 from src.attacks.gradient_inversion.layers import frozen, output_bias, param_names
-from src.attacks.gradient_inversion.scoring import label_count_accuracy, match_to_originals
+from src.attacks.gradient_inversion.scoring import baselines, exact_count_batches, score_case
 from src.client import client_update
-from src.metrics import psnr, ssim
+from src.metrics import psnr
 from src.model import seed_dropout
 from src.utils import UserError
 
@@ -158,11 +157,13 @@ def attack_map(view, sent, steps, seed, iterations=None, restarts=2, progress=Tr
     return out
 
 
-def _scores(recon, originals, labels, true_labels, batch_size):
-    recon, labels = match_to_originals(recon, labels, originals, batch_size)
-    p, s = psnr(recon, originals), ssim(recon, originals)
-    return {**recovered_fractions(p), 'psnr_mean': p.mean().item(), 'psnr_min': p.min().item(),
-            'ssim_mean': s.mean().item(), 'label_accuracy': label_count_accuracy(true_labels, labels, batch_size)}
+SCORES = ('recovered_25db', 'recovered_30db', 'psnr_mean', 'psnr_min', 'ssim_mean', 'label_accuracy')
+
+
+def _scores(originals, inversion, true_labels, batch_size):
+    """The gradient attack's own scoring (score_case), the numbers a map cell keeps."""
+    m = score_case(originals, inversion, true_labels, batch_size)[2]
+    return {k: m[k] for k in SCORES}
 
 
 def score_map(result, sent, truth, public_mean, rounds=None, meta=None):
@@ -173,21 +174,21 @@ def score_map(result, sent, truth, public_mean, rounds=None, meta=None):
     for cell, r in zip(sent['fedsgd'], result['fedsgd']):
         b, inv = cell['batch_size'], r['inversion']
         images, labels = truth['fedsgd']
-        m = _scores(inv.images, images, inv.labels, labels, b)
-        exact = [torch.equal(t.sort().values, r.sort().values) for t, r in zip(labels.split(b), inv.labels.split(b))]
-        fedsgd.append({'batch_size': b, 'dropout': 'unknown', **m, 'label_count_accuracy': sum(exact) / len(exact),
+        fedsgd.append({'batch_size': b, 'dropout': 'unknown', **_scores(images, inv, labels, b),
+                       'label_count_accuracy': exact_count_batches(labels, inv.labels, b),
                        'failed': int(inv.failed.sum()), 'seconds': r['seconds']})
     fedavg = []
     for cell, r, (x, y) in zip(sent['fedavg'], result['fedavg'], truth['fedavg']):
         n = cell['images_per_client']
-        m = _scores(r['images'].to(x.device), x, r['labels'].to(y.device), y, n)
-        base = _scores(r['baseline'].to(x.device), x, r['labels'].to(y.device), y, n)
+        no = torch.zeros(n, dtype=torch.bool)
+        m = _scores(x, Inversion(r['images'], r['labels'], r['failed'], no), y, n)
+        base = _scores(x, Inversion(r['baseline'], r['labels'], torch.full((n,), r['baseline_failed']), no), y, n)
         fedavg.append({key: cell[key] for key in ('images_per_client', 'local_steps', 'local_epochs', 'batch_size',
                                                   'learning_rate')}
                       | m | {'failed': int(r['failed'].sum()), 'seconds': r['seconds'],
                              **{f'baseline_{k}': base[k] for k in ('recovered_25db', 'recovered_30db', 'psnr_mean')},
-                             'baseline_seconds': r['baseline_seconds'],
-                             'mean_image_psnr_mean': psnr(public_mean.expand_as(x), x).mean().item(),
+                             'baseline_failed': r['baseline_failed'], 'baseline_seconds': r['baseline_seconds'],
+                             'mean_image_psnr_mean': baselines(x, public_mean)['dataset_mean_psnr_mean'],
                              'black_image_psnr_mean': psnr(torch.zeros_like(x), x).mean().item()})
     out = {'fedsgd': fedsgd, 'fedavg': fedavg, 'fedavg_start': sent['start'], 'recovered_threshold_db': [25.0, 30.0],
            'threat_model': THREAT_MODEL}

@@ -36,6 +36,12 @@ def label_count_accuracy(true, recovered, batch_size):
     return hits / len(true)
 
 
+def exact_count_batches(true, recovered, batch_size):
+    """Share of batches whose recovered labels are exactly the true ones as a multiset."""
+    return float(torch.tensor([torch.equal(t.sort().values, r.sort().values)
+                               for t, r in zip(true.split(batch_size), recovered.split(batch_size))]).float().mean())
+
+
 def score_case(originals, inversion, true_labels, batch_size, owners=None):
     """One dropout case scored: (reconstructions in the originals' order, their labels, metrics)."""
     recon, labels = match_to_originals(inversion.images, inversion.labels, originals, batch_size)
