@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench_gradient_inversion import attack as gi_attack  # noqa: E402
-from common import standard_target  # noqa: E402
+from common import standard_target, target_arguments  # noqa: E402
 import src.attacks.gradient_inversion.invert as inv  # noqa: E402
 from src.attacks.gradient_inversion.clients import pick_images  # noqa: E402
 from src.attacks.gradient_inversion.fedavg import STEPS  # noqa: E402
@@ -115,8 +115,7 @@ def fedavg_line(name, m):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--data-dir', default=os.path.join(os.environ.get('FL_REAL_DATA', '../shared/data'), 'mnist-10k'))
-    p.add_argument('--run-dir', help='folder with global_model.pth and training_history.json (default: train one)')
+    target_arguments(p)
     p.add_argument('--batch-sizes', default='1,2,4,8,16,32,64')
     p.add_argument('--images', type=int, default=64, help='client images per setting (a multiple of every B)')
     p.add_argument('--seed', type=int, default=0, help='the reported image set')

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from src.attacks import model_inversion as mi  # noqa: E402
-from common import spread, standard_target  # noqa: E402
+from common import spread, standard_target, target_arguments  # noqa: E402
 from src.evaluation import load_evaluators  # noqa: E402
 from src.utils import resolve_precision  # noqa: E402
 
@@ -63,8 +63,7 @@ def line(label, s):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--data-dir', default=os.path.join(os.environ.get('FL_REAL_DATA', '../shared/data'), 'mnist-10k'))
-    p.add_argument('--run-dir', help='folder with global_model.pth and training_history.json (default: train one)')
+    target_arguments(p)
     p.add_argument('--cache-dir', default='cache', help='evaluation classifier cache')
     p.add_argument('--seeds', default='0,1,2', help='attack seeds to score (timing uses the first)')
     p.add_argument('--repeats', type=int, default=3, help='timed runs of each method (median and range reported)')

@@ -6,6 +6,13 @@ import config
 from src.attacks.target import load_attack_inputs
 
 
+def target_arguments(parser):
+    """--data-dir (the real digits) and --run-dir (a trained standard model; default: train one now)."""
+    root = os.environ.get('FL_REAL_DATA', '../shared/data')
+    parser.add_argument('--data-dir', default=os.path.join(root, 'mnist-10k'))
+    parser.add_argument('--run-dir', help='folder with global_model.pth and training_history.json (default: train one)')
+
+
 def standard_target(data_dir, run_dir, tmp, cache_dir='cache', device='cpu'):
     """(view, private, run_dir): the attacker's view of the global model in `run_dir` and the clients'
     data (for scoring), or with run_dir None the standard preset trained now into `tmp` (a temporary
