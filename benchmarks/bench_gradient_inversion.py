@@ -42,7 +42,7 @@ def attack(view, private, index, method, batch_size, dropout, seed, iterations=N
     grads = client_gradients(view.model, x, y, batch_size, dropout, seed=seed + 1)  # the clients' side
     t0 = time.perf_counter()
     result = invert(view.model, grads, method, batch_size, iterations, seed=seed, progress=False,
-                    prior_image=view.public_x.mean(0))  # the server's side: gradients and public data only
+                    public=view.public_x)  # the server's side: gradients and public data only
     seconds = time.perf_counter() - t0
     _, _, m = score_case(x, result, y, batch_size)
     m['seconds'] = seconds

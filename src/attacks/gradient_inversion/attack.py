@@ -140,12 +140,11 @@ class GradientInversion(Attack):
         if s.gi_rounds and view.captured is None:
             raise UserError('no recorded updates (captured_updates.pt beside the model): run main.py, '
                             'or pass --no-gi-rounds')
-        prior = view.public_x.mean(0)  # public data of the same kind, never the clients' images
         cases = {}
         for case, grads in observed['gradients'].items():
             t0 = time.perf_counter()
             inversion = invert(view.model, grads, s.gi_method, observed['batch_size'], s.gi_iterations,
-                               s.gi_restarts, s.seed, prior_image=prior)
+                               s.gi_restarts, s.seed, public=view.public_x)
             cases[case] = {'inversion': inversion, 'seconds': time.perf_counter() - t0}
         rounds = None
         if s.gi_rounds:

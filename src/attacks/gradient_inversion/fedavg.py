@@ -28,6 +28,7 @@ from torch.func import functional_call
 from src.attacks.common import descend, total_variation
 from src.attacks.gradient_inversion.invert import invert
 from src.attacks.gradient_inversion.layers import flat, frozen, output_bias, param_names
+from src.attacks.gradient_inversion.unseen import fill_unseen, unseen_pixels
 from src.model import dropouts
 
 # Chosen on tuning clients (client 0 / 1 of the standard preset on mnist-10k, images picked with seed 11; never
@@ -142,7 +143,7 @@ def invert_fedavg(model, start, delta, n, epochs, batch_size, lr, steps, generat
         at_start = copy.deepcopy(model)
         at_start.load_state_dict({**at_start.state_dict(), **start})
         inv = invert(at_start, {k: (-v / lr)[None] for k, v in delta.items()}, 'default', n, iterations, restarts,
-                     _seed(generator), progress=False, prior_image=public_x.mean(0))
+                     _seed(generator), progress=False, public=public_x)
         return inv.images, inv.labels, inv.failed
     device = delta[output_bias(model)].device
     counts = estimate_label_counts(model, start, delta[output_bias(model)], n, epochs, batch_size, lr,
@@ -183,6 +184,9 @@ def invert_fedavg(model, start, delta, n, epochs, batch_size, lr, steps, generat
     x, failed = x[0], bool(diverged[0])
     images = _aligned(x, slots).mean(0)
     failed = failed or not math.isfinite(images.sum().item())
+    if not failed:  # as the default attack: pixels the model never sees, predicted from public images
+        with frozen(model):
+            images = fill_unseen(images, unseen_pixels(model), public_x)
     return (torch.zeros_like(images) if failed else images), labels.to(device), torch.full((n,), failed)
 
 

@@ -10,6 +10,7 @@ from src.attacks.gradient_inversion.closed_form import labels_from_fc1_output_gr
 from src.attacks.gradient_inversion.dlg import ITERATIONS, dlg_attack
 from src.attacks.gradient_inversion.labels import recover_labels
 from src.attacks.gradient_inversion.search import BATCH_STEPS, STEPS, conv_targets, cosine_search, feature_search
+from src.attacks.gradient_inversion.unseen import fill_unseen, unseen_pixels
 from src.utils import UserError
 
 METHODS = ('dlg', 'idlg', 'default')
@@ -103,19 +104,21 @@ def fill_labels(labels, counts):
     return out
 
 
-def invert(model, grads, method, batch_size, iterations=None, restarts=2, seed=0, progress=True, prior_image=None):
+def invert(model, grads, method, batch_size, iterations=None, restarts=2, seed=0, progress=True, public=None):
     """Attack every intercepted gradient in `grads` ({name: (n_batches, *shape)}) -> Inversion.
 
     iterations: L-BFGS steps for dlg/idlg (default ITERATIONS), Adam steps for the default method
-    (default STEPS, BATCH_STEPS for batches). prior_image: public data's mean image, one start of the
-    default method's search. Failed images are black and flagged, never passed off. The model is used
-    in eval mode with its weights frozen, and left as it was.
+    (default STEPS, BATCH_STEPS for batches). public: public images of the same kind (the server's), for
+    the default method: their mean image is one start of its search, and they predict the pixels the model
+    never sees (unseen.py). Failed images are black and flagged, never passed off. The model is used in
+    eval mode with its weights frozen, and left as it was.
     """
     if method not in METHODS:
         raise UserError(f'unknown --gi-method {method!r}: choose dlg, idlg or default')
     if method != 'default' and batch_size != 1:
         raise UserError(f'--gi-method {method} attacks single-image gradients: use --gi-batch-size 1')
     generator = torch.Generator().manual_seed(seed)
+    prior_image = None if public is None else public.mean(0)
     with layers.frozen(model):
         if method != 'default':
             images, labels, failed, restarted = dlg_attack(model, grads, method, iterations or ITERATIONS, generator,
@@ -127,5 +130,7 @@ def invert(model, grads, method, batch_size, iterations=None, restarts=2, seed=0
         else:
             images, labels, failed, restarted, _ = invert_batches(model, grads, batch_size, iterations or BATCH_STEPS,
                                                                   restarts, generator, prior_image, progress)
+        if public is not None:
+            images = fill_unseen(images, unseen_pixels(model), public)
     images = torch.where(failed[:, None, None, None].to(images.device), torch.zeros_like(images), images)
     return Inversion(images, labels, failed.cpu(), restarted.cpu())

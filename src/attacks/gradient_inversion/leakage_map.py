@@ -128,14 +128,13 @@ def attack_map(view, sent, steps, seed, iterations=None, restarts=2, progress=Tr
     model = view.model
     generator = torch.Generator().manual_seed(seed)
     start = sent['start_weights']
-    prior = view.public_x.mean(0)
     out = {'fedsgd': [], 'fedavg': []}
     cells = len(sent['fedsgd']) + len(sent['fedavg'])
     bar = tqdm(total=cells, desc='leakage map', unit='cell', disable=not progress)
     for cell in sent['fedsgd']:
         t0 = time.perf_counter()
         inv = invert(model, cell['gradients'], 'default', cell['batch_size'], iterations, restarts, seed,
-                     progress=False, prior_image=prior)
+                     progress=False, public=view.public_x)
         out['fedsgd'].append({'inversion': inv, 'seconds': time.perf_counter() - t0})
         bar.update()
     for cell in sent['fedavg']:
