@@ -191,7 +191,6 @@ def test_a_batch_of_one_image_repeated_does_not_separate():
     assert closed_form.separate_batch(grads['fc1.weight'][0], grads['fc1.bias'][0], 4) is None
 
 
-
 def test_a_column_with_noisy_zeros_separates_at_the_lower_gap():
     """A planted factorisation whose first image's zeros are not exact (as a tiny-gradient image's are, by fp32
     rounding): at a 100x gap it does not separate, with the 30x fallback every input comes back. (Without the

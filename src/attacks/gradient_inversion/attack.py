@@ -195,7 +195,8 @@ class GradientInversion(Attack):
                 'dropout': {'off': "no dropout active (model in eval mode, the papers' case)",
                             'unknown': 'train mode with a random dropout mask the server does not know'},
                 'client_precision': observed['precision'],
-                'prior': 'default method: total variation, and the mean image of the public test split as one start',
+                'prior': 'default method: total variation, the mean image of the public test split as one start, and '
+                         'a ridge regression fitted on the public images for the pixels the model never sees',
                 'scoring_only': "the clients' images behind the gradients; the no-attack baselines use public data",
                 'defenses': defenses or 'none',
                 'defense_settings': {key: cfg.get(key) for key in DEFENSE_SETTINGS if key in cfg},

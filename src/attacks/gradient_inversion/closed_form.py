@@ -1,7 +1,6 @@
 """What a fully connected layer's gradient gives away exactly: its input (one image), each image's
 input and output gradient (batches whose gradient at the layer's output is sparse enough), and from
 those the labels."""
-import itertools
 import math
 
 import torch
@@ -27,10 +26,10 @@ def separate_batch(weight_grad, bias_grad, batch_size, nonnegative=True, layer=N
     U q vanish on many rows. Pick B-1 rows at random (batched linear solves, `chunk` picks at a time): if
     they are all zeros of one image's column, their null vector is that column's q, and U q vanishes on all
     of that column's zeros (told from non-zeros by a gap of 100x, else 30x: see vanishing and below). A
-    mixture of two columns vanishes on the zeros both share, plus a row where they cancel: fewer than either, and in the span of
-    two columns once those are known, so such candidates are dropped, and the batch's columns are the B
-    independent candidates that vanish on the most rows, once they stay the same for `settle` chunks. The
-    scales come from the bias gradient, dL/db = D 1 = U Q s (least squares). Returns (X^T (B, in),
+    mixture of two columns vanishes on the zeros both share, plus a row where they cancel: fewer than either,
+    and in the span of two columns once those are known, so such candidates are dropped, and the batch's
+    columns are the B independent candidates that vanish on the most rows, once they stay the same for
+    `settle` chunks. The scales come from the bias gradient, dL/db = D 1 = U Q s (least squares). Returns (X^T (B, in),
     B * D^T (B, out), ok (B,)) in no particular order; ok is False for an image whose input came out negative
     somewhere (after a ReLU it cannot be), or, given the layer's (weight, bias), that a unit passes gradient
     to although its pre-activation is not positive, and for one left out (zeros; see below). The picks are seeded
@@ -49,31 +48,37 @@ def separate_batch(weight_grad, bias_grad, batch_size, nonnegative=True, layer=N
     # tried (not first: on seed 13 it took a wrong column where 100x took none; tuned on seeds 11-13); then the
     # batch is taken as the B - 1 (then B - 2) images above the smallest, and the one left out is not recovered.
     generator = torch.Generator().manual_seed(seed)
-    for B, gap in itertools.product(range(batch_size, max(batch_size - 3, 1), -1), gaps):
-        out = _separate_rank(U[:, :B], S[:B, None] * Vh[:B], Wg, bg, generator, nonnegative, layer, max_samples,
-                             patience, chunk, settle, gap)
-        if out is not None:
-            Xt, D, ok = out
-            missing = batch_size - B
-            return (torch.cat([Xt, Xt.new_zeros(missing, Xt.shape[1])]).to(weight_grad.dtype),
-                    torch.cat([D.T * batch_size, D.new_zeros(missing, D.shape[0])]).to(weight_grad.dtype),
-                    torch.cat([ok, ok.new_zeros(missing)]))
+    # (30x only where 100x came within two columns: far short of them, as at B = 32, it finds junk, not columns)
+    for B in range(batch_size, max(batch_size - 3, 1), -1):
+        for gap in gaps:
+            out, found = _separate_rank(U[:, :B], S[:B, None] * Vh[:B], Wg, bg, generator, nonnegative, layer,
+                                        max_samples, patience, chunk, settle, gap)
+            if out is not None:
+                Xt, D, ok = out
+                missing = batch_size - B
+                return (torch.cat([Xt, Xt.new_zeros(missing, Xt.shape[1])]).to(weight_grad.dtype),
+                        torch.cat([D.T * batch_size, D.new_zeros(missing, D.shape[0])]).to(weight_grad.dtype),
+                        torch.cat([ok, ok.new_zeros(missing)]))
+            if found < B - 2:
+                break
     return None
 
 
 def _separate_rank(L, R, Wg, bg, generator, nonnegative, layer, max_samples, patience, chunk, settle, gap):
-    """separate_batch for B = L.shape[1] images with Wg ~ L R: (X^T (B, in), D (out, B), ok (B,)) or None.
-    Gives up after `patience` picks that did not change the chosen columns (junk candidates -- mixtures of
-    three or more columns -- keep coming, so new candidates alone say nothing)."""
+    """separate_batch for B = L.shape[1] images with Wg ~ L R: ((X^T (B, in), D (out, B), ok (B,)) or None, how
+    many independent columns it found).
+    Gives up after `patience` picks that found no new candidate, or that did not change the chosen columns
+    (junk candidates -- mixtures of three or more columns -- can keep coming without changing them)."""
     B = L.shape[1]
     live = (L.norm(dim=1) > 1e-9).nonzero().flatten()  # units some image moves; the rest say nothing
     if len(live) < B + 2:
-        return None
+        return None, 0
     Ll = L[live]
     row_norm = Ll.norm(dim=1)
-    pool, pool_zeros, pool_masks, tried, unchanged = [], [], [], 0, 0  # distinct candidate columns, their zeros
+    pool, pool_zeros, pool_masks = [], [], []  # distinct candidate columns, their zeros
+    tried, since_new, unchanged = 0, 0, 0
     chosen, same_for = [], 0  # the B most vanishing independent candidates, and for how many chunks so far
-    while tried < max_samples and unchanged < patience and same_for < settle:
+    while tried < max_samples and since_new < patience and unchanged < patience and same_for < settle:
         pick = torch.rand(chunk, len(live), generator=generator).argsort(1)[:, :B - 1]
         A = Ll[pick.to(L.device)]  # (chunk, B-1, B)
         # the null vector q = (q', 1) of each B-1 rows: A[:, :, :-1] q' = -A[:, :, -1]
@@ -87,7 +92,7 @@ def _separate_rank(L, R, Wg, bg, generator, nonnegative, layer, max_samples, pat
             keep[keep.clone()] = (q[keep] @ torch.stack(pool).T).abs().amax(1) < 1 - 1e-4  # and so do
             keep[keep.clone()] = ~_mixture_of_two(q[keep], pool, pool_zeros, zeros[keep])  # their mixtures
         q = q[keep][zeros[keep].argsort(descending=True)]
-        tried = tried + chunk
+        tried, since_new = tried + chunk, since_new + chunk
         for _ in range(4 * B):  # the most vanishing distinct candidates of this chunk
             if not len(q):
                 break
@@ -109,18 +114,19 @@ def _separate_rank(L, R, Wg, bg, generator, nonnegative, layer, max_samples, pat
             pool.append(c)
             pool_zeros.append(int(zero.sum()))
             pool_masks.append(zero)
+            since_new = 0
         before, chosen = chosen, _most_vanishing(pool, pool_zeros, B)
         same_for = same_for + 1 if len(chosen) == B and chosen == before else 0
         unchanged = unchanged + chunk if chosen == before else 0
     if len(chosen) < B:
-        return None
+        return None, len(chosen)
     Q = torch.stack([pool[i] for i in chosen], 1)  # (B, B)
     D = L @ Q
     s = torch.linalg.lstsq(D, bg[:, None]).solution[:, 0]  # dL/db = sum of the columns, each at its scale
     Xt = torch.linalg.solve(Q, R) / s[:, None]  # (B, in)
     D = D * s
     if (D @ Xt - Wg).norm() > 1e-3 * Wg.norm() or (D.sum(1) - bg).norm() > 1e-3 * bg.norm():
-        return None
+        return None, B
     # an image whose column came out wrong is flagged: fc1's input is never negative after a ReLU, and a unit
     # that passes gradient to an image is active for it (pre-activation > 0). Nothing else checks a column:
     # any invertible Q reproduces the weight and bias gradients.
@@ -129,7 +135,7 @@ def _separate_rank(L, R, Wg, bg, generator, nonnegative, layer, max_samples, pat
         z = (Xt @ layer[0].double().T + layer[1].double())[:, live]  # (B, live units)
         passes = ~torch.stack([pool_masks[i] for i in chosen])  # the units each image's column is non-zero on
         ok &= ~(passes & (z <= 0)).any(1)
-    return (Xt, D, ok) if ok.any() else None  # nothing passed the checks: no separation (try another gap / rank)
+    return ((Xt, D, ok) if ok.any() else None), B  # none passing the checks is no separation
 
 
 def _most_vanishing(pool, pool_zeros, B):
