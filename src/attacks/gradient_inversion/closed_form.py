@@ -45,10 +45,10 @@ def separate_batch(weight_grad, bias_grad, batch_size, nonnegative=True, layer=N
     # An image the model is very sure of has a gradient ~1e-5 of the others': its column is partly outside the
     # top-B singular vectors (fp32 rounding), so its zeros are noisier -- seed 12's B = 16 batch has two at 2e-4
     # of the row beside non-zeros at 1e-2, under a 100x gap. Where 100x does not give all B columns, 30x is
-    # tried (not first: on seed 13 it took a wrong column where 100x took none; tuned on seeds 11-13); then the
-    # batch is taken as the B - 1 (then B - 2) images above the smallest, and the one left out is not recovered.
+    # tried (not first: on seed 13 it took a wrong column where 100x took none; tuned on seeds 11-13), and only
+    # where 100x came within two columns (far short of them, as at B = 32, it finds junk); then the batch is
+    # taken as the B - 1 (then B - 2) images above the smallest, and the one left out is not recovered.
     generator = torch.Generator().manual_seed(seed)
-    # (30x only where 100x came within two columns: far short of them, as at B = 32, it finds junk, not columns)
     for B in range(batch_size, max(batch_size - 3, 1), -1):
         for gap in gaps:
             out, found = _separate_rank(U[:, :B], S[:B, None] * Vh[:B], Wg, bg, generator, nonnegative, layer,
