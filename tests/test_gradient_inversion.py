@@ -12,6 +12,7 @@ from src.attacks.base import AttackerView, PrivateData
 from src.attacks.common import descend
 from src.attacks.gradient_inversion import GradientInversion, clients, closed_form, dlg, fedavg_rounds, layers, search
 from src.attacks.gradient_inversion.invert import invert, invert_batches
+import src.attacks.gradient_inversion.invert as invert_module
 from src.attacks.gradient_inversion.labels import recover_labels
 from src.attacks.gradient_inversion.scoring import label_count_accuracy, match_to_originals
 from src.attacks.gradient_inversion.unseen import fill_unseen, unseen_pixels
@@ -178,7 +179,33 @@ def test_batch_fc1_inputs_and_labels_separate_exactly(B, dropout):
     order = (a2[:, None] - true[None]).norm(dim=2).argmin(1)
     assert sorted(order.tolist()) == list(range(B))
     torch.testing.assert_close(a2, true[order], atol=1e-5, rtol=1e-4)
-    assert torch.equal(closed_form.labels_from_fc1_output_grads(model, d), y[order])
+    errors = closed_form.output_errors(model, a2, d)
+    assert torch.equal(errors.argmin(1), y[order])
+    with torch.no_grad():  # p - onehot(y) itself, the dropout scale settled by the image's own dropped units
+        model.train(dropout)
+        torch.manual_seed(3)  # client_gradients' masks
+        p = F.softmax(model(x), 1)
+    torch.testing.assert_close(errors.float(), (p - F.one_hot(y, 10))[order], atol=1e-4, rtol=1e-3)
+
+
+def test_an_unread_image_takes_the_label_the_output_bias_gradient_leaves():
+    """B * db_fc2 = sum_i (p_i - onehot(y_i)): with the read images' errors taken out, what is left is the unread
+    images' own, so their labels come out exactly (one unread: iDLG; two: the counts of a batch of two), where
+    the batch's counts alone would have to guess."""
+    torch.manual_seed(0)
+    model = CNN().eval()
+    x, _ = tiny_batch(6)
+    y = torch.tensor([3, 3, 1, 8, 3, 0])
+    with torch.no_grad():
+        errors = (F.softmax(model(x), 1) - F.one_hot(y, 10)).double()[None]  # (1 batch, 6, classes)
+    bias_grad = errors.mean(1).float()
+    for unread in ([4], [2, 5]):
+        seen = errors.clone()
+        seen[0, unread] = math.nan
+        labels = invert_module.separated_labels(seen, bias_grad)[0]
+        read = [i for i in range(6) if i not in unread]
+        assert torch.equal(labels[read], y[read])
+        assert sorted(labels[unread].tolist()) == sorted(y[unread].tolist())  # which unread image is which: unknown
 
 
 def test_a_batch_of_one_image_repeated_does_not_separate():

@@ -178,20 +178,25 @@ def vanishing(values, at_least, gap=100.0):
     return values.clamp_min(1e-300).log10() <= limit[:, None]
 
 
-def labels_from_fc1_output_grads(model, d, ok=None):
-    """Labels from each image's gradient at fc1's output, d (N, 128).
+def output_errors(model, a2, d, ok=None):
+    """Each separated image's p - onehot(y) at the model's output, (N, classes), from its fc1 input a2 (N, in) and
+    its gradient at fc1's output d (N, 128); NaN rows where not read: ok[i] False (the image came out wrong) or
+    d[i] all zero (left out).
 
-    Where unit i is active (and kept by dropout), d_i = c * (W_fc2^T (p - onehot(y)))_i with c = 1,
-    or 1/(1-p) under dropout; elsewhere d_i = 0. Solving on the nonzero units gives p - onehot(y)
-    up to that positive scale, and its only negative entry is the label (as iDLG's). -1 where not read:
-    ok[i] False (the image came out wrong) or d[i] all zero (left out).
+    Where unit k passes gradient, d_k = s * (W_fc2^T (p - onehot(y)))_k: solving on those units gives p - onehot(y)
+    times s. s is 1 without dropout and 1 / keep for a kept unit under dropout; which it is the image says itself:
+    a unit that is active (pre-activation > 0, from a2) but passes no gradient was dropped. The label is the only
+    negative entry (as iDLG's).
     """
-    out = []
+    a2, d = a2.double(), d.double()  # the left-out images' labels are read from what these leave (invert.py)
+    w1, b1, w2 = (t.double() for t in (model.fc1.weight, model.fc1.bias, model.fc2.weight))
+    active = (a2 @ w1.T + b1) > 0
+    keep = 1 - model.dropout.p
+    out = torch.full((len(d), len(w2)), math.nan, dtype=d.dtype, device=d.device)
     for i, row in enumerate(d):
         if (ok is not None and not ok[i]) or not row.any():
-            out.append(-1)  # not read: the image did not separate
             continue
-        active = row.abs() > 1e-6 * row.abs().max()
-        e = torch.linalg.lstsq(model.fc2.weight[:, active].T, row[active, None]).solution[:, 0]
-        out.append(int(e.argmin()))
-    return torch.tensor(out, device=d.device)
+        passes = row.abs() > 1e-6 * row.abs().max()
+        scale = 1 / keep if (active[i] & ~passes).any() else 1.0
+        out[i] = torch.linalg.lstsq(w2[:, passes].T, row[passes, None]).solution[:, 0] / scale
+    return out

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 import src.attacks.gradient_inversion.layers as layers
-from src.attacks.gradient_inversion.closed_form import labels_from_fc1_output_grads, recover_fc_input, separate_batch
+from src.attacks.gradient_inversion.closed_form import output_errors, recover_fc_input, separate_batch
 from src.attacks.gradient_inversion.dlg import ITERATIONS, dlg_attack
 from src.attacks.gradient_inversion.labels import recover_labels
 from src.attacks.gradient_inversion.search import BATCH_STEPS, STEPS, conv_targets, cosine_search, feature_search
@@ -47,8 +47,9 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, prior_i
 
     Batches whose fc1 gradient does not separate fall back to the cosine search (Geiping et al.) with
     the label counts. Separated images get exact labels from their own fc1 output gradient where the
-    layer after fc1 is the output layer (the CNN); in other models, and for an image of a separated
-    batch that came out wrong or was left out (flagged failed), the batch's label counts.
+    layer after fc1 is the output layer (the CNN), and an image of such a batch that came out wrong or was
+    left out (flagged failed) from what the output-bias gradient leaves once the others' are taken out
+    (separated_labels); in other models the batch's label counts.
     Returns (images, labels (n_batches*B,), failed (n_batches*B,), restarted (n_batches*B,),
     separated (n_batches,) bool).
     """
@@ -77,7 +78,8 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, prior_i
             x, _, f, r = feature_search(model, a2, d @ fc.weight, targets, B, steps, restarts, generator,
                                         prior_image, progress)
         if layers.is_cnn(model):
-            labels[keep] = fill_labels(labels_from_fc1_output_grads(model, d, ok).view(-1, B), counts[keep])
+            errors = output_errors(model, a2, d, ok).view(len(keep), B, -1)
+            labels[keep] = separated_labels(errors, grads[layers.output_bias(model)][keep])
         idx = (keep[:, None] * B + torch.arange(B)).flatten()
         images[idx], failed[idx], restarted[idx] = x, f.cpu() | ~ok, r
     if (~sep).any():
@@ -89,19 +91,22 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, prior_i
     return images, labels.reshape(-1), failed, restarted, sep
 
 
-def fill_labels(labels, counts):
-    """Each batch's labels (n, B), -1 where an image's label was not read: those take the classes the batch's
-    label counts still have, so a batch keeps its count-based multiset where its images did not separate."""
-    out = labels.clone()
-    for row, count in zip(out, counts):
-        left = list(count.tolist())
-        for c in row.tolist():
-            if c >= 0 and c in left:
-                left.remove(c)
-        unread = (row < 0).nonzero().flatten().tolist()
-        for i, c in zip(unread, left + [int(count[0])] * len(unread)):
-            row[i] = c
-    return out
+def separated_labels(errors, bias_grad):
+    """Each separated batch's labels (n, B) from its images' p - onehot(y), errors (n, B, classes), NaN rows where an
+    image was not read: a read image's label is its only negative entry. The batch's output-bias gradient is
+    mean_i (p_i - onehot(y_i)), so what is left of B times it once the read images' errors are taken out is the
+    unread images' sum: its most negative class is one of their labels (iDLG's reading, for one); adding that
+    label's one back, the next most negative is the next, and so on (so a label can repeat). Which unread image
+    has which of these labels is not known (their images are flagged failed)."""
+    read = errors.isfinite().all(2)
+    labels = torch.where(read, torch.nan_to_num(errors, nan=0.0).argmin(2), -1)
+    B = errors.shape[1]
+    for b in (~read).any(1).nonzero().flatten().tolist():
+        rest = B * bias_grad[b].to(errors.dtype) - errors[b][read[b]].sum(0)
+        for i in (~read[b]).nonzero().flatten().tolist():
+            labels[b, i] = rest.argmin()
+            rest[labels[b, i]] += 1
+    return labels
 
 
 def invert(model, grads, method, batch_size, iterations=None, restarts=2, seed=0, progress=True, public=None):
