@@ -185,8 +185,7 @@ def invert_fedavg(model, start, delta, n, epochs, batch_size, lr, steps, generat
     images = _aligned(x, slots).mean(0)
     failed = failed or not math.isfinite(images.sum().item())
     if not failed:  # as the default attack: pixels the model never sees, predicted from public images
-        with frozen(model):
-            images = fill_unseen(images, unseen_pixels(model), public_x)
+        images = fill_unseen(images, unseen_pixels(model), public_x)
     return (torch.zeros_like(images) if failed else images), labels.to(device), torch.full((n,), failed)
 
 

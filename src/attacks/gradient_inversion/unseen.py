@@ -11,17 +11,20 @@ mean image) to 97.6 % (this regression, ridge 1; 0.1 / 10: 97.1 / 97.5 %).
 """
 import torch
 
+from src.attacks.gradient_inversion.layers import frozen
+
 RIDGE = 1.0
 
 
 def unseen_pixels(model, probes=8, seed=0):
     """(C, H, W) bool: pixels whose gradient of the model's output is exactly zero for every one of `probes`
-    random images (and random output weights). Structural zeros: a pixel that reaches the output at all has a
-    non-zero gradient for almost every input, so a handful of probes tells them apart."""
+    random images (and random output weights), in eval mode (a dropout mask would hide pixels that are seen).
+    Structural zeros: a pixel that reaches the output at all has a non-zero gradient for almost every input,
+    so a handful of probes tells them apart."""
     generator = torch.Generator().manual_seed(seed)
     device = next(model.parameters()).device
     x = torch.rand(probes, *model.spec.shape, generator=generator).to(device).requires_grad_(True)
-    with torch.enable_grad():
+    with frozen(model), torch.enable_grad():
         out = model(x)
         g, = torch.autograd.grad((out * torch.randn(out.shape, generator=generator).to(device)).sum(), x)
     return (g == 0).all(0)
