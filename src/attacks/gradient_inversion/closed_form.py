@@ -200,3 +200,215 @@ def output_errors(model, a2, d, ok=None):
         scale = 1 / keep if (active[i] & ~passes).any() else 1.0
         out[i] = torch.linalg.lstsq(w2[:, passes].T, row[passes, None]).solution[:, 0] / scale
     return out
+
+
+def separate_by_inputs(weight_grad, bias_grad, batch_size, layer, output_weight, zero_rate, seed=0, chunk=4_000,
+                       patience=20, votes=3):
+    """Each image's fc1 input and output gradient from one batch gradient, found from the inputs' side: the
+    separation for batches too large for separate_batch (B = 32 on the trained CNN). Same return (the images it
+    finds; the rest zeros with ok False), None where it finds none.
+
+    With dL/dW = D X^T = (U Q)(Q^-1 R) as in separate_batch, a row p of P = Q^-1 gives an image's input p^T R,
+    and fc1's input is sparse too (ReLU, max-pool): about a quarter of its features are 0 for an image, some
+    for nearly every image. B-1 features picked with weight zero_rate^8 (zero_rate: how often each feature is
+    0 on the attacker's public images), all zeros of one image, make p that image's row -- approximately,
+    and at its true scale since dL/db = D 1 gives t = Q 1 and p^T t = 1. Its input then says which fc1 units
+    are inactive for the image, which its gradient must vanish on: the one null vector of U on those rows is
+    the image's column q, exactly; a column counts once found by `votes` picks and if it passes `certified`.
+    Images whose column is not pinned this way (another image's gradient vanishes on the same units, or the
+    image's gradient is at rounding level) are looked for again among the rows orthogonal to the columns
+    found (a space of few dimensions, where picks are cheap). Each found image's input is its row of P:
+    orthogonal to the other columns found, and vanishing where its picks did; the gradient's scale from
+    p^T (s q) = 1. At B = 64 an image's ~70 inactive units no longer pin its column (bench_leakage_map.py).
+    """
+    Wg, bg = weight_grad.double(), bias_grad.double()
+    W1, b1, W2 = (w.detach().double() for w in (*layer, output_weight))
+    B = batch_size
+    U, S, Vh = torch.linalg.svd(Wg, full_matrices=False)
+    if B > min(Wg.shape) or S[B - 1] <= 1e-6 * S[0]:
+        return None
+    L, R = U[:, :B], S[:B, None] * Vh[:B]
+    t = L.T @ bg
+    norm = R.norm(dim=0)
+    live = (norm > 1e-9 * norm.max()).nonzero().flatten()  # features some image has; the rest say nothing
+    R_live = R[:, live]
+    logw = 8 * zero_rate.to(R).clamp_min(1e-3).log()[live]
+    generator = torch.Generator().manual_seed(seed)
+
+    def column(x):  # the column whose gradient vanishes on the units x leaves inactive, or None
+        inactive = (x @ W1[:, live].T + b1) <= 0
+        one, q = _null_vectors(L, inactive[None])
+        return q[0] if one[0] and certified(L @ q[0], W2) else None
+
+    columns, zeros = _columns_by_votes(L, R_live, t, logw, W1[:, live], b1, W2, generator, chunk, patience, votes)
+    while 0 < len(columns) < B:  # the missing images' rows are orthogonal to the columns found
+        C = torch.linalg.svd(torch.stack(columns), full_matrices=True)[2][len(columns):].T  # (B, k)
+        found = 0
+        for c in _sparsest_rows(C.T @ R_live, C.T @ t, logw / 4, generator, chunk, patience):
+            x = c @ C.T @ R_live
+            q = column(x)
+            if q is not None and all((q @ f).abs() < 1 - 1e-6 for f in columns):
+                columns.append(q)
+                zeros.append(x.abs() <= 1e-4 * x.abs().max())
+                found += 1
+        if not found:
+            break
+    if not columns:
+        return None
+    Xt, D = _inputs_and_gradients(torch.stack(columns, 1), zeros, L, R, R_live, t, generator)
+    ok = (Xt.amin(1) >= -1e-3 * Xt.abs().amax(1)) & Xt.isfinite().all(1)
+    passes = D.T.abs() > 1e-4 * D.T.abs().amax(1, keepdim=True)
+    ok &= ~(passes & ((Xt @ W1.T + b1) <= 0)).any(1)  # a unit passing gradient is active for the image
+    if not ok.any():
+        return None
+    missing = B - len(columns)
+    return (torch.cat([Xt, Xt.new_zeros(missing, Xt.shape[1])]).to(weight_grad.dtype),
+            torch.cat([D.T * B, D.new_zeros(missing, D.shape[0])]).to(weight_grad.dtype),
+            torch.cat([ok, ok.new_zeros(missing)]))
+
+
+def certified(d, output_weight, support=1e-3, tol=1e-2):
+    """Whether d can be one image's gradient at fc1's output: on the units it passes, d = s * W_fc2^T e for one
+    error e = p - onehot(y) (output_errors). A mixture of two images' columns is two such vectors on overlapping
+    units and fails (residual 0.5-0.8 against < 3e-4 for true columns, tuning seeds 11-12)."""
+    passes = d.abs() > support * d.abs().max()
+    A = output_weight[:, passes].T
+    e = torch.linalg.lstsq(A, d[passes, None]).solution
+    return bool((A @ e - d[passes, None]).norm() <= tol * d[passes].norm())
+
+
+def _null_vectors(L, units):
+    """For each set of units (n, out) bool: whether U vanishes on them in exactly one direction (singular values
+    of U there below 1e-4 of the largest for one, above 1e-3 for the rest), and that direction (n, B). From the
+    Gram matrices' eigenvectors: a batched SVD of such matrices can fail to converge."""
+    B = L.shape[1]
+    gram = torch.einsum('ub,nu,uc->nbc', L, units.to(L.dtype), L)
+    ev, vec = torch.linalg.eigh(gram)  # ascending
+    sv = ev.clamp_min(0).sqrt()
+    one = (units.sum(1) >= B - 1) & (sv[:, 0] < 1e-4 * sv[:, -1])
+    if B > 1:
+        one &= sv[:, 1] > 1e-3 * sv[:, -1]
+    return one, vec[:, :, 0]
+
+
+def _input_candidates(Rb, t, logw, chunk, generator, negative=1e-2):
+    """Non-negative inputs c^T Rb, one per pick of k-1 features (k = Rb.shape[0]) drawn with log-weights logw:
+    (c (n, k) scaled so that c^T t = 1, inputs (n, features))."""
+    k = Rb.shape[0]
+    if k == 1:
+        c = Rb.new_ones(1, 1)
+    else:
+        gumbel = -torch.log(-torch.log(torch.rand(chunk, Rb.shape[1], generator=generator, dtype=Rb.dtype)))
+        A = Rb.T[(logw[None] + gumbel).topk(k - 1, dim=1).indices]  # weighted picks without replacement
+        sol, info = torch.linalg.solve_ex(A[..., :-1], -A[..., -1])
+        c = torch.cat([sol, torch.ones_like(sol[:, :1])], 1)[info == 0]
+    c = c / (c @ t)[:, None]
+    x = c @ Rb
+    keep = x.isfinite().all(1) & (x.amin(1) >= -negative * x.abs().amax(1))
+    return c[keep], x[keep]
+
+
+def _columns_by_votes(L, R_live, t, logw, W1_live, b1, W2, generator, chunk, patience, votes):
+    """Columns found from input candidates: the null vector of U on each distinct set of units the candidates
+    leave inactive (batched), counted each time it comes up, certified once it has `votes`; with, for each,
+    where its sparsest candidate vanished. Stops once `patience` chunks add no column."""
+    B = L.shape[1]
+    pool, count, best, where, sure = [], [], [], [], []
+    stall, chosen = 0, []
+    while stall < patience and len(chosen) < B:
+        _, x = _input_candidates(R_live, t, logw, chunk, generator)
+        zeros = (x.abs() <= 1e-4 * x.abs().amax(1, keepdim=True)).sum(1)
+        sets, which = ((x @ W1_live.T + b1) <= 0).unique(dim=0, return_inverse=True)
+        big = (sets.sum(1) >= B - 1).nonzero().flatten()
+        one, qs = _null_vectors(L, sets[big])
+        for q, s in zip(qs[one], big[one].tolist()):
+            mine = (which == s).nonzero().flatten()
+            rep, most = x[mine[zeros[mine].argmax()]], int(zeros[mine].max())
+            same = [j for j, p in enumerate(pool) if (p @ q).abs() > 1 - 1e-6]
+            if not same:
+                pool.append(q), count.append(0), best.append(-1), where.append(None), sure.append(None)
+                same = [len(pool) - 1]
+            j = same[0]
+            count[j] += 1
+            if most > best[j]:
+                best[j], where[j] = most, rep.abs() <= 1e-4 * rep.abs().max()
+        for j in range(len(pool)):
+            if count[j] >= votes and sure[j] is None:
+                sure[j] = certified(L @ pool[j], W2)
+        order = sorted((j for j in range(len(pool)) if sure[j]), key=lambda j: -count[j])
+        before, chosen = chosen, [order[i] for i in _independent([pool[j] for j in order], B)]
+        stall = stall + 1 if len(chosen) == len(before) else 0
+    return [pool[j] for j in chosen], [where[j] for j in chosen]
+
+
+def _sparsest_rows(Rb, t, logw, generator, chunk, patience):
+    """The k (= Rb.shape[0]) independent rows c whose inputs c^T Rb vanish on the most features, refined on all
+    the features they vanish on: in a space spanned by k images' inputs, those inputs (a mixture vanishes only
+    where all its images do). Stops once the choice stays the same for two chunks."""
+    k = Rb.shape[0]
+    cs, zs, chosen, same = Rb.new_zeros(0, k), torch.zeros(0, dtype=torch.long), [], 0
+    for _ in range(patience):
+        c, x = _input_candidates(Rb, t, logw, chunk, generator)
+        z = (x.abs() <= 1e-4 * x.abs().amax(1, keepdim=True)).sum(1)
+        top = z.argsort(descending=True)[:8 * k]
+        cs, zs = torch.cat([cs, c[top]]), torch.cat([zs, z[top]])
+        unit = cs / cs.norm(dim=1, keepdim=True)
+        distinct = []
+        for j in zs.argsort(descending=True).tolist():
+            if all((unit[j] @ unit[i]).abs() < 1 - 1e-4 for i in distinct):
+                distinct.append(j)
+        cs, zs = cs[distinct], zs[distinct]
+        before, chosen = chosen, _independent(list(cs), k)
+        same = same + 1 if chosen == before and len(chosen) == k else 0
+        if same >= 2:
+            break
+    rows = []
+    for c in cs[chosen]:
+        x = c @ Rb
+        vh = torch.linalg.svd(Rb[:, x.abs() <= 1e-4 * x.abs().max()].T, full_matrices=True)[2]
+        c = vh[-1] / (vh[-1] @ t)
+        if (c @ Rb).amin() >= -1e-3 * (c @ Rb).abs().max():
+            rows.append(c)
+    return rows
+
+
+def _inputs_and_gradients(Q, zeros, L, R, R_live, t, generator, picks=256):
+    """Each found image's input X^T (f, in) and gradient D (out, f) from its column (Q's) and where its input
+    vanishes (zeros). Its row p of P is orthogonal to the other columns found and p^T q = 1: with all B found
+    that is p; else p = p0 + N a over the k missing images' rows, and k features where it vanished, picked at
+    random, fix a -- the pick whose input vanishes on the most features is the image's (a pick of true zeros is
+    exact)."""
+    f = Q.shape[1]
+    Xt, D = R.new_zeros(f, R.shape[1]), L.new_zeros(L.shape[0], f)
+    for i in range(f):
+        others = torch.cat([Q[:, :i], Q[:, i + 1:]], 1).T
+        S = torch.linalg.svd(others, full_matrices=True)[2][f - 1:].T if f > 1 else torch.eye(len(t), dtype=t.dtype)
+        g = S.T @ Q[:, i]
+        p = S @ g / (g @ g)
+        if S.shape[1] > 1:
+            k = S.shape[1] - 1
+            N = S @ torch.linalg.svd(g[None], full_matrices=True)[2][1:].T  # (B, k): p^T q stays 1
+            x0, Nx = p @ R_live, N.T @ R_live
+            cand = zeros[i].nonzero().flatten()
+            pick = cand[torch.rand(picks, len(cand), generator=generator).argsort(1)[:, :k]]
+            a, info = torch.linalg.solve_ex(Nx.T[pick], -x0[pick])
+            x = x0 + a @ Nx
+            x = x * x.sum(1, keepdim=True).sign()  # q's sign is arbitrary
+            vanish = (x.abs() <= 1e-5 * x.abs().amax(1, keepdim=True)).sum(1)
+            vanish[(info != 0) | (x.amin(1) < -1e-3 * x.abs().amax(1)) | (len(cand) < k)] = -1
+            p = p + N @ a[vanish.argmax()]
+        p = p / (p @ t)
+        Xt[i] = p @ R
+        D[:, i] = L @ Q[:, i] / (p @ Q[:, i])
+    return Xt, D
+
+
+def _independent(vectors, n):
+    """Indices of the first (up to) n of `vectors` that are independent of those before them (rtol 1e-3)."""
+    chosen = []
+    for j in range(len(vectors)):
+        if torch.linalg.matrix_rank(torch.stack([vectors[i] for i in chosen + [j]]), rtol=1e-3) > len(chosen):
+            chosen.append(j)
+            if len(chosen) == n:
+                break
+    return chosen

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 import torch
 
 import src.attacks.gradient_inversion.layers as layers
-from src.attacks.gradient_inversion.closed_form import output_errors, recover_fc_input, separate_batch
+from src.attacks.gradient_inversion.closed_form import (output_errors, recover_fc_input, separate_batch,
+                                                        separate_by_inputs)
 from src.attacks.gradient_inversion.dlg import ITERATIONS, dlg_attack
 from src.attacks.gradient_inversion.labels import recover_labels
 from src.attacks.gradient_inversion.search import BATCH_STEPS, STEPS, conv_targets, cosine_search, feature_search
@@ -42,8 +43,11 @@ def invert_single_images(model, grads, steps, restarts, generator, prior_image=N
     return images, labels, dist, failed, restarted
 
 
-def invert_batches(model, grads, batch_size, steps, restarts, generator, prior_image=None, progress=True):
+def invert_batches(model, grads, batch_size, steps, restarts, generator, public=None, progress=True):
     """Batches: separate each image's fc1 input where the gradient allows, then the feature search.
+
+    Separation is SPEAR's (separate_batch); where that leaves images out and the model is the CNN, also from the
+    inputs' side (separate_by_inputs, which needs the public images' fc1 inputs), keeping whichever recovers more.
 
     Batches whose fc1 gradient does not separate fall back to the cosine search (Geiping et al.) with
     the label counts. Separated images get exact labels from their own fc1 output gradient where the
@@ -58,8 +62,18 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, prior_i
     n_batches = counts.shape[0]
     name, fc = layers.first_fc(model)
     nonnegative = layers.fc_input_is_nonnegative(model)
-    parts = [separate_batch(grads[name + '.weight'][i], grads[name + '.bias'][i], B, nonnegative, (fc.weight, fc.bias))
-             for i in range(n_batches)]  # exact for every image that separates (SPEAR: see closed_form)
+    zero_rate = None
+    if public is not None and layers.is_cnn(model):
+        with torch.no_grad():
+            zero_rate = (layers.fc_input(model, fc, public.to(fc.weight.device)) <= 0).float().mean(0)
+    parts = []
+    for wg, bg in zip(grads[name + '.weight'], grads[name + '.bias']):  # exact for every image that separates
+        part = separate_batch(wg, bg, B, nonnegative, (fc.weight, fc.bias))
+        if zero_rate is not None and (part is None or not part[2].all()):
+            other = separate_by_inputs(wg, bg, B, (fc.weight, fc.bias), model.fc2.weight, zero_rate)
+            if other is not None and (part is None or other[2].sum() > part[2].sum()):
+                part = other
+        parts.append(part)
     sep = torch.tensor([p is not None for p in parts])
     images = torch.zeros(n_batches * B, *model.spec.shape, device=counts.device)
     labels = counts.clone()
@@ -74,9 +88,7 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, prior_i
         if x is not None:  # the FC layer reads the pixels: each separated input is an image
             f, r = torch.zeros(len(x), dtype=torch.bool), torch.zeros(len(x), dtype=torch.bool)
         else:
-            targets = [w[keep] for w in conv_targets(model, grads)]
-            x, _, f, r = feature_search(model, a2, d @ fc.weight, targets, B, steps, restarts, generator,
-                                        prior_image, progress)
+            x, f, r = _search_separated(model, grads, keep, a2, d, B, steps, restarts, generator, public, progress)
         if layers.is_cnn(model):
             errors = output_errors(model, a2, d, ok).view(len(keep), B, -1)
             labels[keep] = separated_labels(errors, grads[layers.output_bias(model)][keep])
@@ -89,6 +101,27 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, prior_i
         idx = (rest[:, None] * B + torch.arange(B)).flatten()
         images[idx], failed[idx], restarted[idx] = x, f.repeat_interleave(B).cpu(), r.repeat_interleave(B).cpu()
     return images, labels.reshape(-1), failed, restarted, sep
+
+
+def _search_separated(model, grads, keep, a2, d, B, steps, restarts, generator, public, progress):
+    """The feature search for the separated batches `keep`: (images, failed, restarted) for their B images each.
+    The conv-gradient terms are the whole batch's; where images with a gradient of their own were left out
+    (fc1's weight gradient not explained to 1e-3 by the separated images), the others cannot match them, and
+    those batches match their fc1 inputs alone (tuning seed 14, B = 32: 64 % >= 30 dB against 22 %)."""
+    name, fc = layers.first_fc(model)
+    weight_grad = grads[name + '.weight'][keep]
+    explained = torch.einsum('nbo,nbi->noi', d.view(len(keep), B, -1), a2.view(len(keep), B, -1)) / B
+    whole = ((weight_grad - explained).flatten(1).norm(dim=1) <= 1e-3 * weight_grad.flatten(1).norm(dim=1)).cpu()
+    x = torch.zeros(len(a2), *model.spec.shape, device=a2.device)
+    failed, restarted = torch.zeros(len(a2), dtype=torch.bool), torch.zeros(len(a2), dtype=torch.bool)
+    for group in (whole, ~whole):
+        if group.any():
+            rows = (group.nonzero().flatten()[:, None] * B + torch.arange(B)).flatten().to(a2.device)
+            targets = [w[keep[group]] for w in conv_targets(model, grads)] if group is whole else []
+            x[rows], _, f, r = feature_search(model, a2[rows], d[rows] @ fc.weight, targets, B, steps, restarts,
+                                              generator, None if public is None else public.mean(0), progress)
+            failed[rows.cpu()], restarted[rows.cpu()] = f.cpu(), r.cpu()
+    return x, failed, restarted
 
 
 def separated_labels(errors, bias_grad):
@@ -134,7 +167,7 @@ def invert(model, grads, method, batch_size, iterations=None, restarts=2, seed=0
                                                                         generator, prior_image, progress)
         else:
             images, labels, failed, restarted, _ = invert_batches(model, grads, batch_size, iterations or BATCH_STEPS,
-                                                                  restarts, generator, prior_image, progress)
+                                                                  restarts, generator, public, progress)
         if public is not None:
             images = fill_unseen(images, unseen_pixels(model), public)
     images = torch.where(failed[:, None, None, None].to(images.device), torch.zeros_like(images), images)
