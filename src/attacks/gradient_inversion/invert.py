@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 import src.attacks.gradient_inversion.layers as layers
-from src.attacks.gradient_inversion.closed_form import (output_errors, recover_fc_input, separate_batch,
+from src.attacks.gradient_inversion.closed_form import (inputs_alone, output_errors, recover_fc_input, separate_batch,
                                                         separate_by_inputs)
 from src.attacks.gradient_inversion.dlg import ITERATIONS, dlg_attack
 from src.attacks.gradient_inversion.labels import recover_labels
@@ -77,6 +77,9 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, public=
             other = separate_by_inputs(wg, bg, B, (fc.weight, fc.bias), model.fc2.weight, zero_rate)
             if other is not None and (part is None or other[2].sum() > part[2].sum()):
                 part = other
+        if zero_rate is not None and B > 24 and (part is None or not part[2].all()):
+            more = inputs_alone(wg, bg, B, zero_rate, known=None if part is None else part[0][part[2]])
+            part = part if more is None else _with_inputs(part, more, B, wg.shape[0])
         parts.append(part)
     sep = torch.tensor([p is not None for p in parts])
     images = torch.zeros(n_batches * B, *model.spec.shape, device=counts.device)
@@ -105,6 +108,18 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, public=
         idx = (rest[:, None] * B + torch.arange(B)).flatten()
         images[idx], failed[idx], restarted[idx] = x, f.repeat_interleave(B).cpu(), r.repeat_interleave(B).cpu()
     return images, labels.reshape(-1), failed, restarted, sep
+
+
+def _with_inputs(part, inputs, B, out):
+    """A separation (X^T (B, in), D (B, out), ok (B,)) or None, with `inputs` (k, in) found alone (inputs_alone) in
+    its left-out slots: ok, with no gradient (zero rows of D)."""
+    if part is None:
+        part = (inputs.new_zeros(B, inputs.shape[1]), inputs.new_zeros(B, out),
+                torch.zeros(B, dtype=torch.bool, device=inputs.device))
+    Xt, D, ok = (p.clone() for p in part)
+    slots = (~ok).nonzero().flatten()[:len(inputs)]
+    Xt[slots], D[slots], ok[slots] = inputs[:len(slots)], 0, True
+    return Xt, D, ok
 
 
 def _search_separated(model, grads, keep, a2, d, B, steps, restarts, generator, public, progress):
