@@ -262,11 +262,13 @@ def separate_by_inputs(weight_grad, bias_grad, batch_size, layer, output_weight,
     return _with_left_out(Xt, D, ok, B, weight_grad.dtype) if ok.any() else None
 
 
-def inputs_alone(weight_grad, bias_grad, batch_size, zero_rate, known=None, seed=0, chunk=4_000, patience=20,
-                 refine=200):
-    """Images' fc1 inputs without their gradients, for batches whose columns no longer separate (B = 64 on the
-    trained CNN, where an image's ~70 inactive units leave its column several directions): X^T (f, in) of the f
-    images found besides the `known` ones (k, in), None where none is.
+def inputs_alone(weight_grad, bias_grad, batch_size, zero_rate, model, known=None, seed=0, chunk=4_000,
+                 patience=20, refine=200, trials=20_000):
+    """Images' fc1 inputs, and where it can be told their gradients, for batches whose columns no longer separate
+    by votes (B = 64 on the trained CNN, where the units an image leaves inactive are inactive for ~15 others):
+    (X^T (f, in), D (f, out), zero rows where an image's gradient was not found) for the f images found besides
+    the `known` ones (their inputs (k, in) and gradients (k, out), as a separation gives them), None where none
+    is.
 
     Candidates as separate_by_inputs' (B-1 features picked with weight zero_rate^8, p^T t = 1). A candidate
     that is an image's input vanishes on the image's zeros -- hundreds of features, where B-1 were asked for --
@@ -274,44 +276,123 @@ def inputs_alone(weight_grad, bias_grad, batch_size, zero_rate, known=None, seed
     next direction is well away (singular value above 0.03 of 1 in the row space's orthonormal basis, where the
     batch's small gradients do not hide it) and the input is non-negative (to 1e-4: a near-miss mixture of two
     images dips to -1e-3). Picks are weighted for the images not found yet (the public zero rate less the found
-    images' zeros). Stops once `patience` chunks find no new image. Chosen on tuning seeds 11-12 (B = 64: 30 and
-    29 images in 40-50 s, none false, exact to 1e-3), never on the reported seed 0."""
+    images' zeros). A found image's gradient (gradient_of) gives its column, and the images not found have their
+    rows orthogonal to it: the search goes on in that smaller space, where fewer picks must all be zeros, until
+    `patience` chunks find no new image and no new gradient is found. Chosen on tuning seeds 11-14, never on the
+    reported seed 0."""
     Wg, bg = weight_grad.double(), bias_grad.double()
     B = batch_size
     if B > min(Wg.shape):
         return None
-    U, S, Vh = torch.linalg.svd(Wg, full_matrices=False)
-    S, V = S[:B], Vh[:B]
-    t = U[:, :B].T @ bg
-    norm = V.norm(dim=0)
+    norm = Wg.norm(dim=0)
     live = (norm > 1e-9 * norm.max()).nonzero().flatten()
-    R_live, V_live = S[:, None] * V[:, live], V[:, live]
-    rate = zero_rate.to(S)[live]
+    rate = zero_rate.to(Wg)[live]
     generator = torch.Generator().manual_seed(seed)
-    found = R_live.new_zeros(0, len(live)) if known is None else known.to(S)[:, live]
-    stall, k = 0, len(found)
-    while stall < patience and len(found) < B:
-        # the images not found yet: the public rate, less the found images' zeros
-        rest = (B * rate - _near_zero(found).sum(0)) / (B - len(found))
-        _, x = _input_candidates(R_live, t, 8 * rest.clamp_min(1e-3).log(), chunk, generator)
-        x = x[~_same_direction(x, found).any(1)]
-        zeros = _near_zero(x)
-        zeros = zeros[zeros.sum(1).argsort(descending=True)[:refine]]
-        ev, vec = torch.linalg.eigh(torch.einsum('bf,nf,cf->nbc', V_live, zeros.to(S), V_live))  # ascending
-        sv = ev.clamp_min(0).sqrt()
-        p = vec[:, :, 0] / S
-        x = p @ R_live / (p @ t)[:, None]
-        ok = (sv[:, 0] < 1e-4) & (sv[:, 1] > 0.03) & (x.amin(1) >= -1e-4 * x.abs().amax(1)) & x.isfinite().all(1)
-        before = len(found)
-        for xi in x[ok]:
-            if not _same_direction(xi[None], found).any():
-                found = torch.cat([found, xi[None]])
-        stall = stall + 1 if len(found) == before else 0
+    found = Wg.new_zeros(0, len(live)) if known is None else known[0].to(Wg)[:, live]
+    k = len(found)
+    grads = [None] * k if known is None else [d.to(Wg) for d in known[1]]
+    tried = [-1] * len(found)  # how many images were taken out when gradient_of last tried each found input
+    while len(found) < B:
+        # an image with both its input and gradient known is its own term of the batch gradient: taken out, the
+        # others' factorisation has that many fewer images
+        pairs = [i for i, d in enumerate(grads) if d is not None]
+        W_rest, b_rest = Wg[:, live].clone(), bg.clone()
+        for i in pairs:
+            W_rest -= torch.outer(grads[i], found[i]) / B
+            b_rest -= grads[i] / B
+        m = B - len(pairs)
+        if m == 0:
+            break
+        U, S, Vh = torch.linalg.svd(W_rest, full_matrices=False)
+        L, R = U[:, :m], S[:m, None] * Vh[:m]
+        more = _inputs_in(R, L.T @ b_rest, B, rate, found, generator, chunk, patience, refine)
+        found = torch.cat([found, more])
+        grads += [None] * len(more)
+        tried += [-1] * len(more)
+        new = 0
+        for i in range(len(found)):
+            if grads[i] is None and tried[i] < len(pairs):  # fewer images left, fewer directions to tell apart
+                x = Wg.new_zeros(Wg.shape[1])
+                x[live] = found[i]
+                grads[i], tried[i] = gradient_of(x, L, model, generator, trials), len(pairs)
+                new += grads[i] is not None
+        if not len(more) and not new:
+            break
     if len(found) == k:
         return None
     Xt = Wg.new_zeros(len(found) - k, Wg.shape[1])
     Xt[:, live] = found[k:]
-    return Xt.to(weight_grad.dtype)
+    D = torch.stack([Wg.new_zeros(Wg.shape[0]) if d is None else d for d in grads[k:]])
+    return Xt.to(weight_grad.dtype), D.to(weight_grad.dtype)
+
+
+def _inputs_in(Rb, tb, B, rate, found, generator, chunk, patience, refine):
+    """New images' inputs (n, features) in the space spanned by Rb's rows (m, features), p^T tb = 1: see
+    inputs_alone."""
+    if len(Rb) == 1:  # one image left: its input is the row
+        x = Rb / tb[:, None]
+        keep = (x.amin(1) >= -1e-4 * x.abs().amax(1)) & x.isfinite().all(1) & ~_same_direction(x, found).any(1)
+        return x[keep]
+    Ub, Sb, Vb = torch.linalg.svd(Rb, full_matrices=False)
+    new, stall = Rb.new_zeros(0, Rb.shape[1]), 0
+    while stall < patience and len(found) + len(new) < B:
+        known = torch.cat([found, new])
+        rest = (B * rate - _near_zero(known).sum(0)) / (B - len(known))  # the public rate, less the found zeros
+        _, x = _input_candidates(Rb, tb, 8 * rest.clamp_min(1e-3).log(), chunk, generator)
+        x = x[~_same_direction(x, known).any(1)]
+        zeros = _near_zero(x)
+        zeros = zeros[zeros.sum(1).argsort(descending=True)[:refine]]
+        ev, vec = torch.linalg.eigh(torch.einsum('bf,nf,cf->nbc', Vb, zeros.to(Vb), Vb))  # ascending
+        sv = ev.clamp_min(0).sqrt()
+        p = (vec[:, :, 0] / Sb) @ Ub.T
+        x = p @ Rb / (p @ tb)[:, None]
+        ok = (sv[:, 0] < 1e-4) & (sv[:, 1] > 0.03) & (x.amin(1) >= -1e-4 * x.abs().amax(1)) & x.isfinite().all(1)
+        before = len(new)
+        for xi in x[ok]:
+            if not _same_direction(xi[None], torch.cat([known, new])).any():
+                new = torch.cat([new, xi[None]])
+        stall = stall + 1 if len(new) == before else 0
+    return new
+
+
+def gradient_of(x, L, model, generator, trials=20_000):
+    """The gradient at fc1's output (out,) of the image whose fc1 input is x, if the batch gradient's column space
+    (L, (out, B) orthonormal) pins it; else None. It vanishes on the units x leaves inactive: that leaves a space
+    N of k directions (the images whose gradients also vanish there). Without dropout the image's gradient is the
+    one in N that is W_fc2^T e on its active units (one solve); under dropout it also vanishes on the units
+    dropped, and k-1 active units picked at random, all dropped (1 in 2^(k-1)), pin it. A candidate counts only if
+    it is what the model gives: for some label y and dropout mask (the units it passes), exactly
+    mask / keep * relu'(z) * W_fc2^T (p - onehot(y)), p the model's output for x under that mask."""
+    W1, b1, W2, b2 = (w.detach().to(L) for w in (model.fc1.weight, model.fc1.bias, model.fc2.weight, model.fc2.bias))
+    keep = 1 - model.dropout.p
+    z = x.to(L) @ W1.T + b1
+    active = z > 0
+    ev, vec = torch.linalg.eigh(L[~active].T @ L[~active])
+    N = L @ vec[:, ev.clamp_min(0).sqrt() < 1e-3]  # (out, k)
+    k = N.shape[1]
+    if not k:
+        return None
+    A = torch.cat([N[active], -W2.T[active]], 1)  # no unit dropped: N v = W_fc2^T e where active
+    candidates = [N @ torch.linalg.eigh(A.T @ A)[1][:k, 0]]
+    if k > 1:
+        units = active.nonzero().flatten()
+        picks = units[torch.rand(trials, len(units), generator=generator, dtype=L.dtype).argsort(1)[:, :k - 1]]
+        M = N[picks]  # (trials, k-1, k)
+        v = torch.linalg.eigh(M.transpose(1, 2) @ M)[1][:, :, 0]
+        d = v @ N.T
+        sparsest = _near_zero(d).sum(1).argsort(descending=True)
+        candidates += list(d[sparsest[:8]])
+    for d in candidates:
+        for mask, scale in ((active, 1.0), (active & ~_near_zero(d), 1 / keep)):
+            h = torch.relu(z) * mask * scale
+            p = torch.softmax(W2 @ h + b2, 0)
+            for y in range(len(p)):
+                e = p.clone()
+                e[y] -= 1
+                g = mask * scale * (W2.T @ e)
+                if (g @ d).abs() > (1 - 1e-6) * g.norm() * d.norm():
+                    return g
+    return None
 
 
 def _same_direction(a, b):

@@ -48,7 +48,9 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, public=
 
     Separation is SPEAR's (separate_batch); where that leaves images out and the model is the CNN, also from the
     inputs' side (separate_by_inputs, which needs the public images' fc1 inputs), keeping whichever recovers more;
-    above B = 24 the inputs' side alone.
+    above B = 24 the inputs' side alone. Images still left out are looked for by their inputs alone
+    (inputs_alone: with the separated images' terms taken out of the gradient; some with their gradient, the
+    rest with their input only, whose search then matches fc1's input alone).
 
     Batches whose fc1 gradient does not separate fall back to the cosine search (Geiping et al.) with
     the label counts. Separated images get exact labels from their own fc1 output gradient where the
@@ -77,9 +79,10 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, public=
             other = separate_by_inputs(wg, bg, B, (fc.weight, fc.bias), model.fc2.weight, zero_rate)
             if other is not None and (part is None or other[2].sum() > part[2].sum()):
                 part = other
-        if zero_rate is not None and B > 24 and (part is None or not part[2].all()):
-            more = inputs_alone(wg, bg, B, zero_rate, known=None if part is None else part[0][part[2]])
-            part = part if more is None else _with_inputs(part, more, B, wg.shape[0])
+        if zero_rate is not None and (part is None or not part[2].all()):
+            known = None if part is None else (part[0][part[2]], part[1][part[2]])
+            more = inputs_alone(wg, bg, B, zero_rate, model, known)
+            part = part if more is None else _with_inputs(part, *more, B)
         parts.append(part)
     sep = torch.tensor([p is not None for p in parts])
     images = torch.zeros(n_batches * B, *model.spec.shape, device=counts.device)
@@ -110,15 +113,15 @@ def invert_batches(model, grads, batch_size, steps, restarts, generator, public=
     return images, labels.reshape(-1), failed, restarted, sep
 
 
-def _with_inputs(part, inputs, B, out):
-    """A separation (X^T (B, in), D (B, out), ok (B,)) or None, with `inputs` (k, in) found alone (inputs_alone) in
-    its left-out slots: ok, with no gradient (zero rows of D)."""
+def _with_inputs(part, inputs, grads, B):
+    """A separation (X^T (B, in), D (B, out), ok (B,)) or None, with the images found by inputs_alone (their inputs
+    (k, in) and gradients (k, out), zero rows where not found) in its left-out slots, ok."""
     if part is None:
-        part = (inputs.new_zeros(B, inputs.shape[1]), inputs.new_zeros(B, out),
+        part = (inputs.new_zeros(B, inputs.shape[1]), grads.new_zeros(B, grads.shape[1]),
                 torch.zeros(B, dtype=torch.bool, device=inputs.device))
     Xt, D, ok = (p.clone() for p in part)
     slots = (~ok).nonzero().flatten()[:len(inputs)]
-    Xt[slots], D[slots], ok[slots] = inputs[:len(slots)], 0, True
+    Xt[slots], D[slots], ok[slots] = inputs[:len(slots)], grads[:len(slots)], True
     return Xt, D, ok
 
 
