@@ -80,14 +80,16 @@ def greedy_separation(weight_grad, bias_grad, batch_size, nonnegative=True, laye
 
 def attack(view, private, index, batch_size, dropout, seed, separation=None):
     """bench_gradient_inversion's attack (the default method) with `separation` in place of the attack's
-    own (and then no input-side separation either), and the share of batches whose label counts are all exact."""
-    original = inv.separate_batch, inv.separate_by_inputs
+    own (and then no input-side separation or inputs found alone either), and the share of batches whose label
+    counts are all exact."""
+    original = inv.separate_batch, inv.separate_by_inputs, inv.inputs_alone
     if separation is not None:
-        inv.separate_batch, inv.separate_by_inputs = separation, lambda *args, **kwargs: None
+        inv.separate_batch, inv.separate_by_inputs, inv.inputs_alone = (separation, lambda *args, **kwargs: None,
+                                                                        lambda *args, **kwargs: None)
     try:
         m = gi_attack(view, private, index, 'default', batch_size, dropout, seed)
     finally:
-        inv.separate_batch, inv.separate_by_inputs = original
+        inv.separate_batch, inv.separate_by_inputs, inv.inputs_alone = original
     per_image = m['per_image']  # in the originals' order, each with its matched reconstruction's label
     true, recovered = (torch.tensor([p[key] for p in per_image]) for key in ('true_label', 'recovered_label'))
     return {'recovered_30db': m['recovered_30db'], 'recovered_25db': m['recovered_25db'],

@@ -210,6 +210,60 @@ def test_batch_fc1_inputs_separate_exactly_from_the_inputs_side(dropout):
     torch.testing.assert_close(d[ok], per_image['fc1.bias'][0][order], atol=1e-6, rtol=1e-3)
 
 
+def _planted_batch_of_12(dropout):
+    """A random CNN, 12 synthetic images' batch gradient, their per-image gradients, true fc1 inputs, and the
+    features' zero rates on 200 other images (the attacker's public ones)."""
+    torch.manual_seed(0)
+    model = CNN()
+    x, y = tiny_batch(12, seed=1)
+    grads = clients.client_gradients(model, x, y, 12, dropout=dropout, seed=3)
+    per_image = clients.client_gradients(model, x, y, 12, dropout=dropout, seed=3, per_example=True)
+    with torch.no_grad():
+        true = model.features(x)
+        zero_rate = (model.features(tiny_batch(200, seed=2)[0]) <= 0).float().mean(0)
+    return model, grads, per_image['fc1.bias'][0], true, zero_rate
+
+
+@pytest.mark.parametrize('dropout', [True, False])
+def test_inputs_found_alone_are_exact_and_so_are_their_gradients(dropout):
+    """inputs_alone on a planted batch of 12, nothing separated first: every input it returns is exactly one of the
+    batch's fc1 inputs (each once), every gradient it returns is exactly that image's, and it finds most; given
+    images already separated (their inputs and gradients), it returns only the others."""
+    model, grads, d_true, true, zero_rate = _planted_batch_of_12(dropout)
+    wg, bg = grads['fc1.weight'][0], grads['fc1.bias'][0]
+    Xt, D = closed_form.inputs_alone(wg, bg, 12, zero_rate, model)
+    assert len(Xt) >= 10, len(Xt)
+    order = (Xt[:, None] - true[None]).norm(dim=2).argmin(1)
+    assert len(set(order.tolist())) == len(Xt)
+    torch.testing.assert_close(Xt, true[order], atol=1e-5, rtol=1e-4)
+    has = D.any(1)
+    assert has.sum() >= 6, has
+    torch.testing.assert_close(D[has], d_true[order][has], atol=1e-6, rtol=1e-3)
+    more = closed_form.inputs_alone(wg, bg, 12, zero_rate, model, known=(true[:6], d_true[:6]))
+    assert more is not None
+    rest = (more[0][:, None] - true[None]).norm(dim=2).argmin(1)
+    assert (rest >= 6).all() and len(set(rest.tolist())) == len(rest)
+    torch.testing.assert_close(more[0], true[rest], atol=1e-5, rtol=1e-4)
+
+
+def test_an_inputs_gradient_is_the_models_or_none():
+    """gradient_of: an image of the batch gets its own gradient at fc1's output, exactly (label and dropout mask
+    told by the batch gradient's column space); an image not in the batch gets None, not a look-alike."""
+    model, grads, d_true, true, _ = _planted_batch_of_12(dropout=True)
+    L = torch.linalg.svd(grads['fc1.weight'][0].double(), full_matrices=False)[0][:, :12]
+    generator = torch.Generator().manual_seed(0)
+    found = 0
+    for i in range(12):
+        g = closed_form.gradient_of(true[i].double(), L, model, generator)
+        if g is not None:
+            torch.testing.assert_close(g.float(), d_true[i], atol=1e-6, rtol=1e-3)
+            found += 1
+    assert found >= 6, found
+    with torch.no_grad():
+        outsider = model.features(tiny_batch(20, seed=5)[0][15:])
+    assert all(closed_form.gradient_of(a.double(), L, model, generator) is None for a in outsider)
+
+
 def test_a_mixture_of_two_images_gradients_is_not_certified():
     """The check a column must pass: one image's gradient at fc1's output is W_fc2^T e on the units it passes; the
     sum of two images' is not."""
