@@ -188,28 +188,6 @@ def test_batch_fc1_inputs_and_labels_separate_exactly(B, dropout):
     torch.testing.assert_close(errors.float(), (p - F.one_hot(y, 10))[order], atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize('dropout', [True, False])
-def test_batch_fc1_inputs_separate_exactly_from_the_inputs_side(dropout):
-    """The input-side separation on a planted batch of 12 (small random CNN): every image it returns as ok is
-    exactly one of the batch's fc1 inputs, with its gradient at fc1's output, and it finds most of them. The
-    features' zero rates come from other images (the attacker's public ones)."""
-    torch.manual_seed(0)
-    model = CNN()
-    x, y = tiny_batch(12, seed=1)
-    grads = clients.client_gradients(model, x, y, 12, dropout=dropout, seed=3)
-    per_image = clients.client_gradients(model, x, y, 12, dropout=dropout, seed=3, per_example=True)
-    with torch.no_grad():
-        true = model.features(x)
-        zero_rate = (model.features(tiny_batch(200, seed=2)[0]) <= 0).float().mean(0)
-    a2, d, ok = closed_form.separate_by_inputs(grads['fc1.weight'][0], grads['fc1.bias'][0], 12,
-                                               (model.fc1.weight, model.fc1.bias), model.fc2.weight, zero_rate)
-    assert ok.sum() >= 10, ok
-    order = (a2[ok][:, None] - true[None]).norm(dim=2).argmin(1)
-    assert len(set(order.tolist())) == int(ok.sum())
-    torch.testing.assert_close(a2[ok], true[order], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(d[ok], per_image['fc1.bias'][0][order], atol=1e-6, rtol=1e-3)
-
-
 def _planted_batch_of_12(dropout):
     """A random CNN, 12 synthetic images' batch gradient, their per-image gradients, true fc1 inputs, and the
     features' zero rates on 200 other images (the attacker's public ones)."""
@@ -222,6 +200,21 @@ def _planted_batch_of_12(dropout):
         true = model.features(x)
         zero_rate = (model.features(tiny_batch(200, seed=2)[0]) <= 0).float().mean(0)
     return model, grads, per_image['fc1.bias'][0], true, zero_rate
+
+
+@pytest.mark.parametrize('dropout', [True, False])
+def test_batch_fc1_inputs_separate_exactly_from_the_inputs_side(dropout):
+    """The input-side separation on a planted batch of 12 (small random CNN): every image it returns as ok is
+    exactly one of the batch's fc1 inputs, with its gradient at fc1's output, and it finds most of them. The
+    features' zero rates come from other images (the attacker's public ones)."""
+    model, grads, d_true, true, zero_rate = _planted_batch_of_12(dropout)
+    a2, d, ok = closed_form.separate_by_inputs(grads['fc1.weight'][0], grads['fc1.bias'][0], 12,
+                                               (model.fc1.weight, model.fc1.bias), model.fc2.weight, zero_rate)
+    assert ok.sum() >= 10, ok
+    order = (a2[ok][:, None] - true[None]).norm(dim=2).argmin(1)
+    assert len(set(order.tolist())) == int(ok.sum())
+    torch.testing.assert_close(a2[ok], true[order], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(d[ok], d_true[order], atol=1e-6, rtol=1e-3)
 
 
 @pytest.mark.parametrize('dropout', [True, False])
