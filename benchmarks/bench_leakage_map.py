@@ -8,8 +8,8 @@ On the standard preset's trained global model (trained first without --run-dir),
 batches of B, one gradient per batch as a client computes it, dropout unknown (train mode, mask unseen;
 --dropout unknown,off: and off, the papers' case). Each gradient is attacked by the default attack
 (src/attacks/gradient_inversion/invert.py: every image's fc1 input and label from the sparse factorisation
-of fc1's gradient, SPEAR-style, then the feature search; the cosine search where a batch does not
-separate), and, as the baseline in the same run, by the same attack with the separation it had before:
+of fc1's gradient, SPEAR-style or from the inputs' side, images left out then by their inputs alone, then the
+feature search; the cosine search where a batch does not separate), and, as the baseline in the same run, by the same attack with the separation it had before:
 units active for a single image only (the greedy below). Per setting: fraction of images recovered (PSNR
 >= 30 dB and >= 25 dB to its optimally matched original), label accuracy (per batch, as multisets),
 batches whose label counts are all exact, PSNR mean / min, seconds.
