@@ -4,14 +4,15 @@ multi-step FedAvg updates (issue 14).
     python benchmarks/bench_leakage_map.py --data-dir ../shared/data/mnist-10k [--run-dir DIR] [--json OUT.json]
 
 On the standard preset's trained global model (trained first without --run-dir), --images client images
-(seed 0's, which no tuning looked at: the separation was tuned on seeds 11-13) go to the server in
+(seed 0's, which no tuning looked at: the separation was tuned on seeds 11-14) go to the server in
 batches of B, one gradient per batch as a client computes it, dropout unknown (train mode, mask unseen;
 --dropout unknown,off: and off, the papers' case). Each gradient is attacked by the default attack
 (src/attacks/gradient_inversion/invert.py: every image's fc1 input and label from the sparse factorisation
 of fc1's gradient, SPEAR-style or from the inputs' side, images left out then by their inputs alone, then the
-feature search; the cosine search where a batch does not separate), and, as the baseline in the same run, by the same attack with the separation it had before:
-units active for a single image only (the greedy below). Per setting: fraction of images recovered (PSNR
->= 30 dB and >= 25 dB to its optimally matched original), label accuracy (per batch, as multisets),
+feature search; the cosine search where a batch does not separate), and, as the baseline in the same run,
+by the same attack with the separation it had before: units active for a single image only (the greedy
+below). Per setting: fraction of images recovered (PSNR >= 30 dB and >= 25 dB to its optimally matched
+original), label accuracy (per batch, as multisets),
 batches whose label counts are all exact, PSNR mean / min, seconds.
 
 FedAvg (--fedavg, default the issue's client: 50 images, 10 epochs of batch 5, the record's learning rate,

@@ -127,7 +127,7 @@ def _separate_rank(L, R, Wg, bg, generator, nonnegative, layer, max_samples, pat
     # an image whose column came out wrong is flagged: fc1's input is never negative after a ReLU, and a unit
     # that passes gradient to an image is active for it (pre-activation > 0). Nothing else checks a column:
     # any invertible Q reproduces the weight and bias gradients.
-    ok = Xt.isfinite().all(1) & (Xt.amin(1) >= -1e-3 * Xt.abs().amax(1) if nonnegative else True)
+    ok = Xt.isfinite().all(1) & (_nonnegative(Xt, 1e-3) if nonnegative else True)
     if layer is not None:
         z = (Xt @ layer[0].double().T + layer[1].double())[:, live]  # (B, live units)
         passes = ~torch.stack([pool_masks[i] for i in chosen])  # the units each image's column is non-zero on
@@ -256,7 +256,7 @@ def separate_by_inputs(weight_grad, bias_grad, batch_size, layer, output_weight,
     if not columns:
         return None
     Xt, D = _inputs_and_gradients(torch.stack(columns, 1), zeros, L, R, R_live, t, generator)
-    ok = (Xt.amin(1) >= -1e-3 * Xt.abs().amax(1)) & Xt.isfinite().all(1)
+    ok = _nonnegative(Xt, 1e-3) & Xt.isfinite().all(1)
     passes = D.T.abs() > 1e-4 * D.T.abs().amax(1, keepdim=True)
     ok &= ~(passes & ((Xt @ W1.T + b1) <= 0)).any(1)  # a unit passing gradient is active for the image
     return _with_left_out(Xt, D, ok, B, weight_grad.dtype) if ok.any() else None
@@ -333,7 +333,7 @@ def _inputs_in(Rb, tb, B, rate, found, generator, chunk, patience, refine):
     inputs_alone."""
     if len(Rb) == 1:  # one image left: its input is the row
         x = Rb / tb[:, None]
-        keep = (x.amin(1) >= -1e-4 * x.abs().amax(1)) & x.isfinite().all(1) & ~_same_direction(x, found).any(1)
+        keep = _nonnegative(x, 1e-4) & x.isfinite().all(1) & ~_same_direction(x, found).any(1)
         return x[keep]
     Ub, Sb, Vb = torch.linalg.svd(Rb, full_matrices=False)
     new, stall = Rb.new_zeros(0, Rb.shape[1]), 0
@@ -348,7 +348,7 @@ def _inputs_in(Rb, tb, B, rate, found, generator, chunk, patience, refine):
         sv = ev.clamp_min(0).sqrt()
         p = (vec[:, :, 0] / Sb) @ Ub.T
         x = p @ Rb / (p @ tb)[:, None]
-        ok = (sv[:, 0] < 1e-4) & (sv[:, 1] > 0.03) & (x.amin(1) >= -1e-4 * x.abs().amax(1)) & x.isfinite().all(1)
+        ok = (sv[:, 0] < 1e-4) & (sv[:, 1] > 0.03) & _nonnegative(x, 1e-4) & x.isfinite().all(1)
         before = len(new)
         for xi in x[ok]:
             if not _same_direction(xi[None], torch.cat([known, new])).any():
@@ -398,6 +398,11 @@ def gradient_of(x, L, model, generator, trials=20_000):
 def _same_direction(a, b):
     """(len(a), len(b)) bool: whether rows of a and b are parallel (|cosine| above 1 - 1e-4)."""
     return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T).abs() > 1 - 1e-4
+
+
+def _nonnegative(x, tol):
+    """Whether each row of x is non-negative up to tol of its largest entry (the last dimension's rows)."""
+    return x.amin(-1) >= -tol * x.abs().amax(-1)
 
 
 def _near_zero(x):
@@ -451,7 +456,7 @@ def _input_candidates(Rb, t, logw, chunk, generator, negative=1e-2):
         c = torch.cat([sol, torch.ones_like(sol[:, :1])], 1)[info == 0]
     c = c / (c @ t)[:, None]
     x = c @ Rb
-    keep = x.isfinite().all(1) & (x.amin(1) >= -negative * x.abs().amax(1))
+    keep = x.isfinite().all(1) & _nonnegative(x, negative)
     return c[keep], x[keep]
 
 
@@ -499,10 +504,9 @@ def _sparsest_rows(Rb, t, logw, generator, chunk, patience):
         z = _near_zero(x).sum(1)
         top = z.argsort(descending=True)[:8 * k]
         cs, zs = torch.cat([cs, c[top]]), torch.cat([zs, z[top]])
-        unit = cs / cs.norm(dim=1, keepdim=True)
         distinct = []
         for j in zs.argsort(descending=True).tolist():
-            if all((unit[j] @ unit[i]).abs() < 1 - 1e-4 for i in distinct):
+            if not _same_direction(cs[j:j + 1], cs[distinct]).any():
                 distinct.append(j)
         cs, zs = cs[distinct], zs[distinct]
         before, chosen = chosen, _independent(list(cs), k)
@@ -514,7 +518,7 @@ def _sparsest_rows(Rb, t, logw, generator, chunk, patience):
         x = c @ Rb
         vh = torch.linalg.svd(Rb[:, _near_zero(x)].T, full_matrices=True)[2]
         c = vh[-1] / (vh[-1] @ t)
-        if (c @ Rb).amin() >= -1e-3 * (c @ Rb).abs().max():
+        if _nonnegative(c @ Rb, 1e-3):
             rows.append(c)
     return rows
 
@@ -542,7 +546,7 @@ def _inputs_and_gradients(Q, zeros, L, R, R_live, t, generator, picks=256):
             x = x0 + a @ Nx
             x = x * x.sum(1, keepdim=True).sign()  # q's sign is arbitrary
             vanish = (x.abs() <= 1e-5 * x.abs().amax(1, keepdim=True)).sum(1)
-            vanish[(info != 0) | (x.amin(1) < -1e-3 * x.abs().amax(1))] = -1
+            vanish[(info != 0) | ~_nonnegative(x, 1e-3)] = -1
             p = p + N @ a[vanish.argmax()]
         p = p / (p @ t)
         Xt[i] = p @ R

@@ -136,12 +136,13 @@ def _search_separated(model, grads, keep, a2, d, B, steps, restarts, generator, 
     whole = ((weight_grad - explained).flatten(1).norm(dim=1) <= 1e-3 * weight_grad.flatten(1).norm(dim=1)).cpu()
     x = torch.zeros(len(a2), *model.spec.shape, device=a2.device)
     failed, restarted = torch.zeros(len(a2), dtype=torch.bool), torch.zeros(len(a2), dtype=torch.bool)
+    prior_image = None if public is None else public.mean(0)
     for group in (whole, ~whole):
         if group.any():
             rows = (group.nonzero().flatten()[:, None] * B + torch.arange(B)).flatten().to(a2.device)
             targets = [w[keep[group]] for w in conv_targets(model, grads)] if group is whole else []
             x[rows], _, f, r = feature_search(model, a2[rows], d[rows] @ fc.weight, targets, B, steps, restarts,
-                                              generator, None if public is None else public.mean(0), progress)
+                                              generator, prior_image, progress)
             failed[rows.cpu()], restarted[rows.cpu()] = f.cpu(), r.cpu()
     return x, failed, restarted
 
