@@ -15,7 +15,7 @@ from src.attacks.gradient_inversion.invert import invert, invert_batches
 import src.attacks.gradient_inversion.invert as invert_module
 from src.attacks.gradient_inversion.labels import recover_labels
 from src.attacks.gradient_inversion.scoring import label_count_accuracy, match_to_originals
-from src.attacks.gradient_inversion.unseen import fill_unseen, unseen_pixels
+from src.attacks.gradient_inversion.unseen import fill_unseen, shifted, unseen_pixels
 from src.defenses import defend_gradients
 from src.metrics import psnr
 from src.model import CNN, MLP
@@ -336,7 +336,8 @@ def test_unseen_pixels_are_those_no_gradient_depends_on():
 
 def test_fill_unseen_predicts_the_pixels_public_images_determine():
     """Where the public images' unseen pixels are a linear function of their seen ones, the fill recovers them
-    (ridge 1 on 500 images: to 1e-2); where nothing is unseen, the images come back unchanged."""
+    (ridge 1 on 500 images, not shifted, which would break the planted function: to 1e-2); where nothing is unseen,
+    the images come back unchanged."""
     g = torch.Generator().manual_seed(0)
     unseen = torch.zeros(1, 6, 6, dtype=torch.bool)
     unseen[:, 5:] = unseen[:, :, 5:] = True
@@ -349,9 +350,38 @@ def test_fill_unseen_predicts_the_pixels_public_images_determine():
         return x
 
     public, private = images(500), images(8)
-    filled = fill_unseen(torch.where(unseen, 0.5, private), unseen, public)
+    filled = fill_unseen(torch.where(unseen, 0.5, private), unseen, public, shift=0)
     torch.testing.assert_close(filled, private, atol=1e-2, rtol=0)
     assert torch.equal(fill_unseen(private, torch.zeros_like(unseen), public), private)
+
+
+def test_two_separations_of_a_batch_merge_into_the_images_either_found():
+    """The one that found more is kept, and the images only the other found fill its left-out slots; an input
+    both found (the same direction) is not taken twice."""
+    g = torch.Generator().manual_seed(0)
+    X, D = torch.rand(4, 7, generator=g), torch.randn(4, 5, generator=g)
+
+    def separation(images):  # found images first, then zero rows, ok False
+        ok = torch.zeros(4, dtype=torch.bool)
+        ok[:len(images)] = True
+        return (torch.cat([X[images], torch.zeros(4 - len(images), 7)]),
+                torch.cat([D[images], torch.zeros(4 - len(images), 5)]), ok)
+
+    Xt, Dt, ok = invert_module._merged(separation([0, 1]), separation([2, 0, 1]), 4)
+    assert ok.tolist() == [True, True, True, False]
+    assert torch.equal(Xt[:3], X[[2, 0, 1]]) and torch.equal(Dt[:3], D[[2, 0, 1]])  # the larger one, as it was
+    Xt, _, ok = invert_module._merged(separation([3, 1]), separation([1, 2]), 4)  # a tie: the first is kept
+    assert ok.tolist() == [True, True, True, False] and torch.equal(Xt[:3], X[[3, 1, 2]])
+
+
+def test_the_fill_also_learns_from_public_images_moved_by_a_pixel():
+    """Each public image and its 8 copies moved one pixel each way, zero-filled (not wrapped round)."""
+    x = torch.arange(1, 10, dtype=torch.float64).view(1, 1, 3, 3)
+    moved = shifted(x, 1)
+    assert moved.shape == (9, 1, 3, 3)
+    assert torch.equal(moved[4], x[0])  # in place
+    assert torch.equal(moved[0, 0], torch.tensor([[0., 0., 0.], [0., 1., 2.], [0., 4., 5.]]).double())  # moved down and right
+    assert torch.equal(moved[8, 0], torch.tensor([[5., 6., 0.], [8., 9., 0.], [0., 0., 0.]]).double())  # up and left
 
 
 # ----------------------------------------------------------------------------- the searches
