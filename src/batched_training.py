@@ -33,15 +33,18 @@ PARAMS = ('conv1.weight', 'conv1.bias', 'conv2.weight', 'conv2.bias', 'fc1.weigh
           'fc2.weight', 'fc2.bias')  # src.model.CNN's parameters, which batched_logits computes with
 # On an H200 (benchmarks/bench_batched.py, 2026-11-26) channels_last was about even with the default
 # layout (430k vs 443k samples/s at K = 5, 542k vs 532k at K = 10, 564k vs 557k at K = 20); on CPU it is
-# what makes conv2 match the sequential trainer bit for bit, so it stays on.
+# what made conv2 match the sequential trainer bit for bit on the Intel host this was written on, so it stays on.
 CHANNELS_LAST = True
 CUDA_GRAPH = True  # capture the step on CUDA (benchmarks/bench_batched.py turns it off to time the eager step)
 # On CPU, oneDNN runs a grouped convolution with one input channel per group (conv1) in another
 # summation order than the sequential trainer's single-client conv1: up to 6e-7 apart in the
 # forward pass, 1e-6 in the weights after a round. Running conv1 once per client on its channel
-# slice (autograd then takes each client's weight gradient from that same kernel) makes the batched
-# trainer equal the sequential one bit for bit in CPU fp32, for batches of at least 16 rows (the
-# matmuls' kernels change below that; tests/test_batched_training.py). Grouped conv2 already matches.
+# slice (autograd then takes each client's weight gradient from that same kernel) made the batched
+# trainer equal the sequential one bit for bit in CPU fp32 on the Intel host this was written on, for
+# batches of at least 16 rows (the matmuls' kernels change below that). Which kernels sum in which
+# order depends on the CPU: on an AMD EPYC (Zen 4) host grouped conv2, the batched matmuls' and the
+# loss's reductions, and the thread count (1 per client in the sequential trainer) differ too, and the
+# two trainers agree to 6e-7 after 2 rounds (tests/test_batched_training.py holds them to 1e-6).
 # It costs K small convolutions instead of one, so only CPU fp32 does it: on CUDA, cuDNN's choice of
 # algorithms and TF32 rule bit equality out anyway. Tests turn it off to check the grouped arithmetic.
 PER_CLIENT_CONV1_ON_CPU = True

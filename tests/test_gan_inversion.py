@@ -67,12 +67,14 @@ def settings(*argv):
 # ---------------------------------------------------------------------------------------------- the prior
 
 def test_gan_training_learns_a_tiny_data_set():
-    """The discriminator's loss drops below chance and the generator's samples move toward the data."""
+    """The discriminator's loss drops below chance and the generator's samples move toward the data. 240 steps:
+    at 80 the samples' mean had moved only to 0.72 of its distance on an AMD EPYC host (under 0.5 on the Intel one
+    this was written on); at 240, 0.03-0.05 and nearest distances 0.43-0.51 for training seeds 0-3 there."""
     images = tiny_images(128)
     data = torch.from_numpy(images).float().div(255).unsqueeze(1)
     G0, _, _ = gp.train_gan(images, seed=0, steps=0, progress=False)  # the same initialisation, untrained
-    G, D, history = gp.train_gan(images, seed=0, steps=80, batch_size=16, lr=1e-3, progress=False, log_every=20)
-    assert history['step'] == [20, 40, 60, 80]
+    G, D, history = gp.train_gan(images, seed=0, steps=240, batch_size=16, lr=1e-3, progress=False, log_every=60)
+    assert history['step'] == [60, 120, 180, 240]
     assert history['d_loss'][-1] < 1.2  # log 4 = 1.386: a discriminator no better than chance
     z = torch.randn(64, gp.Z_DIM, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
