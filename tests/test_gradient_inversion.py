@@ -239,6 +239,23 @@ def test_inputs_found_alone_are_exact_and_so_are_their_gradients(dropout):
     torch.testing.assert_close(more[0], true[rest], atol=1e-5, rtol=1e-4)
 
 
+def test_the_last_image_left_may_dip_below_zero_by_the_noise_its_row_stands_clear_of():
+    """One image left (rank 1): its input is the row, accepted where it dips below 0 by no more than the noise the
+    next singular value measures, if the row stands 10x clear of that noise; else only to 1e-4 as before."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 50, generator=g, dtype=torch.float64)
+    x[0, :10] = 0
+    x[0, 3] = -2e-3 * x.max()  # the others' terms left over
+    t = torch.tensor([0.5], dtype=torch.float64)
+    found, rate = torch.rand(3, 50, generator=g, dtype=torch.float64), torch.full((50,), 0.25, dtype=torch.float64)
+
+    def last(noise):
+        return closed_form._inputs_in(x * t, t, 4, rate, found, g, 10, 1, 1, noise)
+
+    torch.testing.assert_close(last(0.012), x)
+    assert len(last(0.0)) == 0 and len(last(0.2)) == 0 and len(last(1e-3)) == 0
+
+
 def test_an_inputs_gradient_is_the_models_or_none():
     """gradient_of: an image of the batch gets its own gradient at fc1's output, exactly (label and dropout mask
     told by the batch gradient's column space); an image not in the batch gets None, not a look-alike."""

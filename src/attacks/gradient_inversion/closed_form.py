@@ -307,7 +307,8 @@ def inputs_alone(weight_grad, bias_grad, batch_size, zero_rate, model, known=Non
             break
         U, S, Vh = torch.linalg.svd(W_rest, full_matrices=False)
         L, R = U[:, :m], S[:m, None] * Vh[:m]
-        more = _inputs_in(R, L.T @ b_rest, B, rate, found, generator, chunk, patience, refine)
+        noise = (S[m] / S[m - 1]).item() if m < len(S) else 0.0  # what the m images' terms leave, relative
+        more = _inputs_in(R, L.T @ b_rest, B, rate, found, generator, chunk, patience, refine, noise)
         found = torch.cat([found, more])
         grads += [None] * len(more)
         tried += [-1] * len(more)
@@ -328,12 +329,18 @@ def inputs_alone(weight_grad, bias_grad, batch_size, zero_rate, model, known=Non
     return Xt.to(weight_grad.dtype), D.to(weight_grad.dtype)
 
 
-def _inputs_in(Rb, tb, B, rate, found, generator, chunk, patience, refine):
+def _inputs_in(Rb, tb, B, rate, found, generator, chunk, patience, refine, noise=0.0):
     """New images' inputs (n, features) in the space spanned by Rb's rows (m, features), p^T tb = 1: see
-    inputs_alone."""
-    if len(Rb) == 1:  # one image left: its input is the row
+    inputs_alone. noise: the next singular value after Rb's, relative to its last."""
+    if len(Rb) == 1:
+        # one image left: its input is the row, up to what the others' terms leave (noise). An image the model is
+        # sure of has a gradient at 1e-5..1e-4 of the batch's, so that is up to 1e-2 of its own term (seed 0,
+        # B = 16: two such images at cosine 1 - 1.5e-6 and 1 - 2e-8 to the truth, dipping to -2e-3 and -1.2e-4
+        # of their largest feature, where 1e-4 was asked): where the row stands clear of it (10x), it may dip
+        # that much below 0
         x = Rb / tb[:, None]
-        keep = _nonnegative(x, 1e-4) & x.isfinite().all(1) & ~_same_direction(x, found).any(1)
+        tol = max(1e-4, noise) if noise < 0.1 else 1e-4
+        keep = _nonnegative(x, tol) & x.isfinite().all(1) & ~_same_direction(x, found).any(1)
         return x[keep]
     Ub, Sb, Vb = torch.linalg.svd(Rb, full_matrices=False)
     new, stall = Rb.new_zeros(0, Rb.shape[1]), 0
