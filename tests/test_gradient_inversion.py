@@ -397,8 +397,9 @@ def test_the_fill_also_learns_from_public_images_moved_by_a_pixel():
     moved = shifted(x, 1)
     assert moved.shape == (9, 1, 3, 3)
     assert torch.equal(moved[4], x[0])  # in place
-    assert torch.equal(moved[0, 0], torch.tensor([[0., 0., 0.], [0., 1., 2.], [0., 4., 5.]]).double())  # moved down and right
-    assert torch.equal(moved[8, 0], torch.tensor([[5., 6., 0.], [8., 9., 0.], [0., 0., 0.]]).double())  # up and left
+    down_right = torch.tensor([[0., 0., 0.], [0., 1., 2.], [0., 4., 5.]], dtype=torch.float64)
+    up_left = torch.tensor([[5., 6., 0.], [8., 9., 0.], [0., 0., 0.]], dtype=torch.float64)
+    assert torch.equal(moved[0, 0], down_right) and torch.equal(moved[8, 0], up_left)
 
 
 # ----------------------------------------------------------------------------- the searches

@@ -340,7 +340,7 @@ def _inputs_in(Rb, tb, B, rate, found, generator, chunk, patience, refine, noise
         # that much below 0
         x = Rb / tb[:, None]
         tol = max(1e-4, noise) if noise < 0.1 else 1e-4
-        keep = _nonnegative(x, tol) & x.isfinite().all(1) & ~_same_direction(x, found).any(1)
+        keep = _nonnegative(x, tol) & x.isfinite().all(1) & ~same_direction(x, found).any(1)
         return x[keep]
     Ub, Sb, Vb = torch.linalg.svd(Rb, full_matrices=False)
     new, stall = Rb.new_zeros(0, Rb.shape[1]), 0
@@ -348,7 +348,7 @@ def _inputs_in(Rb, tb, B, rate, found, generator, chunk, patience, refine, noise
         known = torch.cat([found, new])
         rest = (B * rate - _near_zero(known).sum(0)) / (B - len(known))  # the public rate, less the found zeros
         _, x = _input_candidates(Rb, tb, 8 * rest.clamp_min(1e-3).log(), chunk, generator)
-        x = x[~_same_direction(x, known).any(1)]
+        x = x[~same_direction(x, known).any(1)]
         zeros = _near_zero(x)
         zeros = zeros[zeros.sum(1).argsort(descending=True)[:refine]]
         ev, vec = torch.linalg.eigh(torch.einsum('bf,nf,cf->nbc', Vb, zeros.to(Vb), Vb))  # ascending
@@ -358,7 +358,7 @@ def _inputs_in(Rb, tb, B, rate, found, generator, chunk, patience, refine, noise
         ok = (sv[:, 0] < 1e-4) & (sv[:, 1] > 0.03) & _nonnegative(x, 1e-4) & x.isfinite().all(1)
         before = len(new)
         for xi in x[ok]:
-            if not _same_direction(xi[None], torch.cat([known, new])).any():
+            if not same_direction(xi[None], torch.cat([known, new])).any():
                 new = torch.cat([new, xi[None]])
         stall = stall + 1 if len(new) == before else 0
     return new
@@ -402,7 +402,7 @@ def gradient_of(x, L, model, generator, trials=20_000):
     return None
 
 
-def _same_direction(a, b):
+def same_direction(a, b):
     """(len(a), len(b)) bool: whether rows of a and b are parallel (|cosine| above 1 - 1e-4)."""
     return (F.normalize(a, dim=1) @ F.normalize(b, dim=1).T).abs() > 1 - 1e-4
 
@@ -513,7 +513,7 @@ def _sparsest_rows(Rb, t, logw, generator, chunk, patience):
         cs, zs = torch.cat([cs, c[top]]), torch.cat([zs, z[top]])
         distinct = []
         for j in zs.argsort(descending=True).tolist():
-            if not _same_direction(cs[j:j + 1], cs[distinct]).any():
+            if not same_direction(cs[j:j + 1], cs[distinct]).any():
                 distinct.append(j)
         cs, zs = cs[distinct], zs[distinct]
         before, chosen = chosen, _independent(list(cs), k)

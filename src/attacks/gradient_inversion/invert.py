@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 
 import src.attacks.gradient_inversion.layers as layers
-from src.attacks.gradient_inversion.closed_form import (_same_direction, inputs_alone, output_errors, recover_fc_input,
+from src.attacks.gradient_inversion.closed_form import (inputs_alone, output_errors, recover_fc_input, same_direction,
                                                         separate_batch, separate_by_inputs)
 from src.attacks.gradient_inversion.dlg import ITERATIONS, dlg_attack
 from src.attacks.gradient_inversion.labels import recover_labels
@@ -132,7 +132,7 @@ def _merged(part, other, B):
     B = 16: SPEAR took one at cosine 0.996 to an image), which the other's exact input would then duplicate."""
     if other[2].sum() > part[2].sum():
         part, other = other, part
-    found = other[2] & ~_same_direction(other[0], part[0][part[2]]).any(1)
+    found = other[2] & ~same_direction(other[0], part[0][part[2]]).any(1)
     return _with_inputs(part, other[0][found], other[1][found], B)
 
 

@@ -35,7 +35,7 @@ def unseen_pixels(model, probes=8, seed=0):
 
 def shifted(images, shift):
     """images (N, C, H, W) and their copies moved by every (dy, dx) in [-shift, shift]^2, zero-filled."""
-    n, c, h, w = images.shape
+    h, w = images.shape[-2:]
     padded = torch.nn.functional.pad(images, (shift,) * 4)
     return torch.cat([padded[:, :, shift + dy:shift + dy + h, shift + dx:shift + dx + w]
                       for dy in range(-shift, shift + 1) for dx in range(-shift, shift + 1)])
